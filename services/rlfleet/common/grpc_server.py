@@ -1,0 +1,181 @@
+"""gRPC server bootstrap shared by every service.
+
+One place sets up: the thread pool, message size limits, the standard health
+service, the error interceptor (domain errors -> status codes, no tracebacks to
+callers), per-call latency metrics, the /metrics endpoint and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from rlfleet.common.config import ServiceConfig
+from rlfleet.common.errors import RlfleetError
+from rlfleet.common.metrics import RPC_ERRORS, RPC_LATENCY, start_metrics_server
+
+logger = logging.getLogger(__name__)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line sentence naming each bad field, for INVALID_ARGUMENT / 422."""
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+    return "invalid request: " + "; ".join(parts)
+
+
+def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RlfleetError):
+        return exc.grpc_code, exc.message
+    if isinstance(exc, ValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, describe_validation_error(exc)
+    logger.exception("unhandled error in %s", method)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log"
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to status codes once, for every method, and times each call."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        service = self.service
+
+        def finish(start: float, code: grpc.StatusCode) -> None:
+            RPC_LATENCY.labels(service, method, code.name).observe(time.perf_counter() - start)
+            if code != grpc.StatusCode.OK:
+                RPC_ERRORS.labels(service, method, code.name).inc()
+
+        def unary(behavior):
+            def wrapped(request, context):
+                start = time.perf_counter()
+                try:
+                    response = behavior(request, context)
+                except grpc.RpcError:
+                    raise  # context.abort() already set the status
+                except Exception as exc:  # noqa: BLE001 - mapped, never leaked
+                    code, msg = _status_of(exc, method)
+                    finish(start, code)
+                    context.abort(code, msg)
+                finish(start, context.code() or grpc.StatusCode.OK)
+                return response
+
+            return wrapped
+
+        def streaming(behavior):
+            def wrapped(request, context) -> Iterator:
+                start = time.perf_counter()
+                try:
+                    yield from behavior(request, context)
+                except grpc.RpcError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    code, msg = _status_of(exc, method)
+                    finish(start, code)
+                    context.abort(code, msg)
+                finish(start, grpc.StatusCode.OK)
+
+            return wrapped
+
+        wrap = streaming if handler.response_streaming else unary
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    metrics_port: int
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def message_options(max_message_mb: int) -> list[tuple[str, int]]:
+    size = max_message_mb * 1024 * 1024
+    return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+
+
+def start_server(
+    config: ServiceConfig,
+    register: Callable[[grpc.Server], None],
+    *,
+    service_names: list[str],
+    max_workers: int = 32,
+    metrics: bool = True,
+) -> RunningServer:
+    """Starts a gRPC server with health checking; ``register`` adds the servicers."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[ErrorInterceptor(config.service_name)],
+        options=message_options(config.max_message_mb),
+    )
+    register(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    server.start()
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = start_metrics_server(config.metrics_port, host=config.host) if metrics else 0
+    running = RunningServer(server, port, metrics_port, health_servicer)
+    logger.info("serving", extra={"port": port, "metrics_port": metrics_port})
+    if config.ready_file:
+        tmp = config.ready_file + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}, fh)
+        os.replace(tmp, config.ready_file)  # atomic: the launcher never reads half a file
+    return running
+
+
+def serve_forever(running: RunningServer, on_stop: Callable[[], None] | None = None) -> None:
+    """Blocks until SIGTERM/SIGINT, then stops gracefully."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("shutting down")
+    if on_stop:
+        on_stop()
+    running.stop()

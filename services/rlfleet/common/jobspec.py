@@ -1,0 +1,201 @@
+"""The RL job specification: one typed model shared by the scheduler, trainer,
+reward service, CLI and (later) the REST API, so a spec is validated the same
+way wherever it enters. Bad values fail with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+VERIFIERS = ("reasoning_gym", "math", "exact", "regex")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Spec):
+    path: str
+    """Directory of a Hugging Face-format causal LM (config.json, weights, tokenizer.json)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the trainer's master weights."""
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model directory")
+        return v
+
+    def check_exists(self) -> None:
+        """Raises ValueError unless the directory holds a Hugging Face model."""
+        p = Path(self.path)
+        if not (p / "config.json").is_file():
+            raise ValueError(
+                f"model.path {self.path!r} is not a Hugging Face model directory (no config.json)"
+            )
+
+
+class TaskSpec(_Spec):
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    """Where prompts come from: reasoning-gym procedural datasets (offline)."""
+    name: str = "basic_arithmetic"
+    """The reasoning-gym dataset name."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Extra arguments for the dataset (e.g. min_digits, max_digits)."""
+    size: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Number of distinct prompts; steps cycle through them."""
+    seed: int = 0
+    """Dataset seed."""
+    prompt_template: str = "{question} Answer:"
+    """How a question becomes the prompt text; must contain {question}."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from rlfleet.common.tasks import known_task_names
+
+        names = known_task_names()
+        if v not in names:
+            raise ValueError(
+                f"unknown task {v!r}; known tasks include {', '.join(sorted(names)[:8])}, ..."
+            )
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError("must contain the placeholder {question}")
+        return v
+
+
+class RewardSpec(_Spec):
+    verifier: Literal["reasoning_gym", "math", "exact", "regex"] = "reasoning_gym"
+    """reasoning_gym: the task's own scorer; math: math-verify; exact / regex: string match."""
+    pattern: str = ""
+    """For regex: a pattern that a correct completion matches (fullmatch after strip)."""
+
+    @model_validator(mode="after")
+    def _regex_needs_pattern(self) -> RewardSpec:
+        if self.verifier == "regex":
+            import re
+
+            if not self.pattern:
+                raise ValueError("reward.pattern is required when reward.verifier is 'regex'")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"reward.pattern is not a valid regex: {exc}") from None
+        return self
+
+
+class SamplingSpec(_Spec):
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
+    """Sampling temperature; 0 is greedy. Ring-1T trains at 1.0."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; 1.0 disables it."""
+    max_new_tokens: int = Field(default=32, ge=1, le=131_072)
+    """Longest completion per sample."""
+
+
+class AlgorithmSpec(_Spec):
+    kind: Literal["grpo"] = "grpo"
+    """Advantage estimator: GRPO (group-normalised rewards)."""
+    group_size: int = Field(default=8, ge=2, le=1024)
+    """Samples per prompt."""
+    prompts_per_step: int = Field(default=16, ge=1, le=100_000)
+    """Prompts per training step (Ring-1T: 480)."""
+    lr: float = Field(default=1e-5, gt=0.0, le=1.0)
+    """AdamW learning rate (Ring-1T: 2e-6)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    """AdamW weight decay."""
+    clip_eps: float = Field(default=0.2, gt=0.0, le=1.0)
+    """PPO ratio clip ε."""
+    kl_coef: float = Field(default=0.0, ge=0.0)
+    """γ, coefficient of the KL term against the base policy (Ring-1T: 0)."""
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    """Gradient clipping norm."""
+    micro_batch_size: int = Field(default=64, ge=1)
+    """Samples per forward/backward pass (gradient accumulation over the step)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); False keeps only centring."""
+
+
+class CorrectionSpec(_Spec):
+    kind: Literal["icepop", "tis", "none"] = "icepop"
+    """Train/inference mismatch correction: IcePop masking, TIS truncation, or none."""
+    alpha: float = Field(default=0.5, gt=0.0)
+    """IcePop lower bound α on k = p_train / p_infer."""
+    beta: float = Field(default=5.0, gt=0.0)
+    """IcePop upper bound β."""
+    tis_cap: float = Field(default=2.0, gt=0.0)
+    """TIS cap C in min(k, C)."""
+
+    @model_validator(mode="after")
+    def _band(self) -> CorrectionSpec:
+        if self.alpha > self.beta:
+            raise ValueError(
+                f"correction.alpha ({self.alpha}) must not exceed correction.beta ({self.beta})"
+            )
+        return self
+
+
+class SchedulingSpec(_Spec):
+    mode: Literal["sync", "c3po"] = "sync"
+    """sync: every sequence of a step runs to the end; c3po: C3PO++ token-budget partitioning."""
+    token_budget: int = Field(default=4096, gt=0)
+    """Φ: tokens of completed trajectories per step (c3po)."""
+    pool_capacity: int = Field(default=0, ge=0)
+    """Ω: sequences in flight (c3po); 0 means 2 × prompts_per_step × group_size."""
+    retention_limit: int = Field(default=2, ge=0)
+    """σ: iterations an unfinished rollout may be carried over before it is purged (c3po)."""
+
+
+class CheckpointSpec(_Spec):
+    every_steps: int = Field(default=0, ge=0)
+    """Write a Hugging Face checkpoint every N steps (0: only at the end)."""
+    keep: int = Field(default=2, ge=1)
+    """Most recent checkpoints to keep."""
+
+
+class ResourcesSpec(_Spec):
+    rollout_replicas: int = Field(default=0, ge=0)
+    """Rollout replicas to use (0: every registered replica)."""
+
+
+class JobSpec(_Spec):
+    name: str = Field(default="job", min_length=1, max_length=128)
+    """A label for people; the job id is assigned by the scheduler."""
+    model: ModelSpec
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    correction: CorrectionSpec = Field(default_factory=CorrectionSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    steps: int = Field(default=20, ge=1, le=1_000_000)
+    """Training steps (policy versions) to run."""
+    seed: int = 0
+    """Seed of sampling and training."""
+
+    @model_validator(mode="after")
+    def _pool_fits_a_group(self) -> JobSpec:
+        cap = self.scheduling.pool_capacity
+        if self.scheduling.mode == "c3po" and cap and cap < self.algorithm.group_size:
+            raise ValueError(
+                f"scheduling.pool_capacity ({cap}) is smaller than one group "
+                f"(algorithm.group_size = {self.algorithm.group_size})"
+            )
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.algorithm.prompts_per_step * self.algorithm.group_size

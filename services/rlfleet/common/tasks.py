@@ -1,0 +1,51 @@
+"""Prompt sources. A task turns an index into (prompt text, task entry); the
+entry travels with the sample (as JSON) so the reward service can score it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from rlfleet.common.jobspec import TaskSpec
+
+
+@functools.cache
+def known_task_names() -> frozenset[str]:
+    import reasoning_gym.factory as factory
+
+    return frozenset(factory.DATASETS)
+
+
+class PromptSource:
+    """Deterministic prompts for a job; index i always yields the same prompt."""
+
+    def __init__(self, spec: TaskSpec):
+        import reasoning_gym
+
+        self.spec = spec
+        self.dataset = reasoning_gym.create_dataset(
+            spec.name, size=spec.size, seed=spec.seed, **spec.params
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int) -> tuple[str, dict[str, Any]]:
+        entry = self.dataset[index % len(self.dataset)]
+        return self.spec.prompt_template.format(question=entry["question"]), entry
+
+
+def entry_to_json(entry: dict[str, Any]) -> str:
+    # reasoning-gym metadata may hold tuples; JSON turns them into lists, which
+    # its scorers accept.
+    return json.dumps(entry, default=str)
+
+
+@functools.lru_cache(maxsize=64)
+def dataset_for_scoring(name: str):
+    """A dataset instance whose ``score_answer`` the reward service calls."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=1, seed=0)

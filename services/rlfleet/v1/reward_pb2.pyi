@@ -1,0 +1,30 @@
+from rlfleet.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("job_id", "verifier", "verifier_config_json", "samples", "write_to_buffer")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WRITE_TO_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    verifier: str
+    verifier_config_json: str
+    samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.Sample]
+    write_to_buffer: bool
+    def __init__(self, job_id: _Optional[str] = ..., verifier: _Optional[str] = ..., verifier_config_json: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[_common_pb2.Sample, _Mapping]]] = ..., write_to_buffer: _Optional[bool] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("rewards", "written")
+    REWARDS_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    rewards: _containers.RepeatedScalarFieldContainer[float]
+    written: int
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., written: _Optional[int] = ...) -> None: ...
