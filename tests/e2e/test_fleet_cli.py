@@ -1,0 +1,114 @@
+"""End to end, as a user runs it: `rlfleet up` starts every service as its own
+process, `rlfleet submit` sends a job, `rlfleet logs -f` follows it to the end.
+Then the accounting: rewards computed, every experience consumed and
+acknowledged, every rollout replica at each new policy version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from rlfleet.cli.scheduler_client import SchedulerClient
+from rlfleet.common.grpc_client import make_channel
+from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+RLFLEET = [sys.executable, "-m", "rlfleet.cli.main"]
+
+
+def _job_spec(model_dir, steps: int) -> dict:
+    return {
+        "name": "e2e",
+        "model": {"path": str(model_dir)},
+        "task": {
+            "name": "basic_arithmetic",
+            "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        },
+        "sampling": {"temperature": 1.0, "max_new_tokens": 6},
+        "algorithm": {"group_size": 2, "prompts_per_step": 3, "lr": 1e-4},
+        "steps": steps,
+    }
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    run_dir = tmp_path / "fleet"
+    proc = subprocess.Popen(
+        [*RLFLEET, "--run-dir", str(run_dir), "up", "--rollout-replicas", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    fleet_file = run_dir / "fleet.json"
+    end = time.monotonic() + 180
+    while not fleet_file.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            out = proc.stdout.read().decode() if proc.poll() is not None else ""
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"rlfleet up did not come up:\n{out}")
+        time.sleep(0.2)
+    info = json.loads(fleet_file.read_text())
+    yield run_dir, info
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user would stop it
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    for name, pid in info["pids"].items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # every service is gone after Ctrl-C
+        assert name
+
+
+def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):
+    run_dir, info = fleet
+    steps = 3
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(_job_spec(tiny_model_dir, steps)))
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run(
+        [*RLFLEET, "--run-dir", str(run_dir), "submit", str(spec_file)],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    job_id = out.split("submitted job ", 1)[1].split()[0]
+
+    follow = subprocess.run(
+        [*RLFLEET, "--run-dir", str(run_dir), "logs", "-f", job_id],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+
+    client = SchedulerClient(info["scheduler"])
+    job = client.get(job_id)
+    assert job.state == "succeeded", job.reason
+    records = client.steps(job_id)
+    assert [r.step for r in records] == list(range(steps))
+    for rec in records:
+        assert "reward_mean" in rec.metrics
+        assert 0.0 <= rec.metrics["reward_mean"] <= 1.0
+    assert job.policy_version == steps
+    client.close()
+
+    # Every experience was consumed and acknowledged.
+    r = redis.Redis.from_url(info["redis_url"])
+    assert r.xlen(f"rlfleet:exp:{job_id}") == 0
+    assert r.xpending(f"rlfleet:exp:{job_id}", "trainer")["pending"] == 0
+    assert r.scard(f"rlfleet:exp:{job_id}:ids") == steps * 3 * 2
+
+    # Every rollout replica holds the final policy version.
+    with make_channel(info["services"]["weightsync"]) as channel:
+        stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
+        replicas = stub.ListReplicas(
+            weightsync_pb2.ListReplicasRequest(job_id=job_id), timeout=10
+        ).replicas
+    held = {rep.replica_id: rep.version for rep in replicas}
+    assert held == {"rollout-0": steps, "rollout-1": steps}
