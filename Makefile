@@ -1,11 +1,11 @@
 # The two commands a new user needs: `make demo` and `make test`. Each installs
 # what it needs (apt redis-server where apt exists, a .venv with pip packages).
 PY := .venv/bin/python
-VENV_STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
 
 .PHONY: demo test lint proto bench clean-venv
 
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml clients/python/pyproject.toml scripts/install.sh
 	@scripts/install.sh
 	@touch $@
 

