@@ -81,11 +81,13 @@ class ExperienceBuffer(abc.ABC):
 _APPEND_LUA = """
 local n = (#ARGV - 1) / 2
 local fresh = {}
+local seen = {}
 for i = 1, n do
   local sid = ARGV[2 * i]
-  if redis.call('SISMEMBER', KEYS[2], sid) == 0 then
+  if not seen[sid] and redis.call('SISMEMBER', KEYS[2], sid) == 0 then
     table.insert(fresh, i)
   end
+  seen[sid] = true
 end
 local max_len = tonumber(ARGV[1])
 if max_len > 0 and redis.call('XLEN', KEYS[1]) + #fresh > max_len then

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from rlfleet.common.errors import DataLoss, InvalidArgument
 from rlfleet.v1 import weightsync_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def encode_state_dict(state: dict[str, torch.Tensor]) -> bytes:
     """Serialises tensors (any device) to one safetensors payload."""
+    from safetensors.torch import save as st_save  # torch only where tensors are handled
+
     return st_save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
 
 
 def decode_state_dict(payload: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as st_load
+
     return st_load(payload)
 
 

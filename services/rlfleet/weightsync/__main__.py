@@ -1,0 +1,47 @@
+"""``python -m rlfleet.weightsync``: config first, then the store and the server."""
+
+from __future__ import annotations
+
+import logging
+
+from rlfleet.common.config import load_config
+from rlfleet.common.logs import setup_logging
+from rlfleet.weightsync.config import WeightSyncConfig
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(WeightSyncConfig, argv)
+    setup_logging(cfg.service_name, level=cfg.log_level, fmt=cfg.log_format)
+
+    # The weight codec imports torch; only now that the config is known to be good.
+    from prometheus_client import REGISTRY
+
+    from rlfleet.common.grpc_server import serve_forever, start_server
+    from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+    from rlfleet.weightsync.metrics import ReplicaCollector
+    from rlfleet.weightsync.replicas import setup_replica_registry
+    from rlfleet.weightsync.servicer import WeightSyncServicer
+    from rlfleet.weightsync.store import VersionStore
+
+    store = VersionStore(
+        keep_versions=cfg.keep_versions,
+        spool_dir=cfg.spool_dir or None,
+        chunk_bytes=cfg.chunk_bytes,
+    )
+    registry = setup_replica_registry(cfg.replica_registry, redis_url=cfg.redis_url)
+    REGISTRY.register(ReplicaCollector(store, registry))
+    running = start_server(
+        cfg,
+        lambda server: weightsync_pb2_grpc.add_WeightSyncServiceServicer_to_server(
+            WeightSyncServicer(store, registry), server
+        ),
+        service_names=[weightsync_pb2.DESCRIPTOR.services_by_name["WeightSyncService"].full_name],
+        max_workers=cfg.grpc_workers,
+    )
+    serve_forever(running)
+
+
+if __name__ == "__main__":
+    main()

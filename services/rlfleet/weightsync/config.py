@@ -1,0 +1,40 @@
+"""Settings of the weight-sync service (``python -m rlfleet.weightsync``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from rlfleet.common.config import ServiceConfig
+
+
+class WeightSyncConfig(ServiceConfig):
+    """Weight-sync service: receives policy versions, verifies them, serves them to replicas."""
+
+    model_config = SettingsConfigDict(env_prefix="RLFLEET_WEIGHTSYNC_")
+    service_name: ClassVar[str] = "weightsync"
+
+    spool_dir: str = ""
+    """Directory where versions are also kept on disk, so a restarted weight-sync
+    serves the current version again; empty keeps them in memory only."""
+    keep_versions: int = Field(default=3, ge=1, le=1000)
+    """Newest versions kept per job (in memory and in the spool); older ones are dropped."""
+    chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Bytes per WeightChunk served by PullVersion (must fit in max_message_mb)."""
+    replica_registry: Literal["memory", "redis"] = "memory"
+    """Where ReportHeld records live: memory, or Redis hashes rlfleet:ws:<job>:replicas
+    at redis_url (they survive a restart of weight-sync)."""
+    grpc_workers: int = Field(default=32, ge=1, le=1024)
+    """Threads that serve gRPC calls (each pull or push stream holds one)."""
+
+    @model_validator(mode="after")
+    def _chunk_fits_a_message(self) -> WeightSyncConfig:
+        limit = self.max_message_mb * 1024 * 1024
+        if self.chunk_bytes > limit - 64 * 1024:  # room for the other fields of the chunk
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) must be well below max_message_mb "
+                f"({self.max_message_mb} MiB)"
+            )
+        return self
