@@ -36,7 +36,9 @@ class _TomlSource(PydanticBaseSettingsSource):
 class ServiceConfig(BaseSettings):
     """Settings every service process shares."""
 
-    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        extra="forbid", env_nested_delimiter="__", use_attribute_docstrings=True
+    )
     service_name: ClassVar[str] = "service"
     _toml_data: ClassVar[dict[str, Any]] = {}
 

@@ -64,7 +64,7 @@ def call(
     retrying = Retrying(
         retry=retry_if_exception(_retryable),
         stop=stop_after_delay(deadline),
-        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
         reraise=True,
     )
     try:

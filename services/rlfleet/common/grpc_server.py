@@ -43,6 +43,11 @@ def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log"
 
 
+def _aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code()
+    return code is not None and code != grpc.StatusCode.OK
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes once, for every method, and times each call."""
 
@@ -66,9 +71,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 try:
                     response = behavior(request, context)
-                except grpc.RpcError:
-                    raise  # context.abort() already set the status
                 except Exception as exc:  # noqa: BLE001 - mapped, never leaked
+                    if _aborted(context):
+                        raise  # the servicer called context.abort(): keep its status
                     code, msg = _status_of(exc, method)
                     finish(start, code)
                     context.abort(code, msg)
@@ -82,9 +87,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 start = time.perf_counter()
                 try:
                     yield from behavior(request, context)
-                except grpc.RpcError:
-                    raise
                 except Exception as exc:  # noqa: BLE001
+                    if _aborted(context):
+                        raise
                     code, msg = _status_of(exc, method)
                     finish(start, code)
                     context.abort(code, msg)

@@ -14,7 +14,7 @@ VERIFIERS = ("reasoning_gym", "math", "exact", "regex")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class ModelSpec(_Spec):

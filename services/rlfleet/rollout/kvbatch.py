@@ -1,0 +1,167 @@
+"""A batch of live sequences and their KV cache, kept dense as sequences come and go.
+
+Rows are left-padded so every row's next token sits in the last column; each row
+carries its own position ids, so padding never shifts a sequence's positions.
+Three operations keep the batch small: ``select`` drops finished rows (and trims
+padding columns no live row uses), ``merge`` appends newly prefilled rows
+(left-padding whichever cache is shorter), and ``decode`` advances all rows by one
+token. Trimming and merging edit the cache tensors of plain ``DynamicLayer``
+layers; models whose cache has other layer kinds (sliding windows, linear
+attention) still work, they just do not take in new rows mid-batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from rlfleet.rollout.engine import SeqRequest
+from rlfleet.rollout.sampling import sample_next
+
+
+@dataclass(eq=False)
+class Row:
+    """A live sequence: what it has generated so far and how it samples."""
+
+    call: object  # the engine's record of the generate() call this row belongs to
+    req: SeqRequest
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    limit: int  # completion length at which the row ends with "length"
+    rng: random.Random | None
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1 disables nucleus sampling
+
+
+class KVBatch:
+    """Rows, their cache, attention mask, next positions and next input tokens."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        temps: torch.Tensor,
+        top_ps: torch.Tensor,
+    ):
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # (B, S) 1 where the cache column is a real token of the row
+        self.pos = pos  # (B,) position id of each row's next input token
+        self.temps = temps
+        self.top_ps = top_ps
+        self.next_ids = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
+        self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    @classmethod
+    def prefill(cls, model, rows: list[Row], *, device: torch.device, version: int) -> KVBatch:
+        """Runs prompt + prefix of each new row through the model and samples its next token."""
+        seqs = [row.req.prompt_token_ids + row.req.prefix_token_ids for row in rows]
+        width = max(len(s) for s in seqs)
+        pad = model.config.pad_token_id
+        ids = torch.full((len(seqs), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        temps = torch.tensor([row.temperature for row in rows], dtype=torch.float32)
+        top_ps = torch.tensor([row.top_p for row in rows], dtype=torch.float32)
+        batch = cls(rows, cache, mask, mask.sum(dim=-1), temps.to(device), top_ps.to(device))
+        batch._take(out.logits[:, -1, :], version)
+        return batch
+
+    def decode(self, model, *, version: int) -> None:
+        """Feeds every row its last sampled token and samples the next one."""
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        out = model(
+            input_ids=self.next_ids[:, None],
+            attention_mask=mask,
+            position_ids=self.pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.mask = mask
+        self.pos = self.pos + 1
+        self._take(out.logits[:, -1, :], version)
+
+    def _take(self, logits: torch.Tensor, version: int) -> None:
+        uniforms = None
+        if any(row.temperature > 0 for row in self.rows):
+            draws = [row.rng.random() if row.temperature > 0 else 0.0 for row in self.rows]
+            uniforms = torch.tensor(draws, dtype=torch.float32, device=logits.device)
+        tokens, logprobs = sample_next(
+            logits, temperatures=self.temps, top_ps=self.top_ps, uniforms=uniforms
+        )
+        # One device->host copy per step for both tokens and log-probs.
+        host = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()
+        for row, tok, lp in zip(self.rows, host[0], host[1], strict=True):
+            row.tokens.append(int(tok))
+            row.logprobs.append(lp)
+            row.versions.append(version)
+        self.next_ids = tokens
+
+    def select(self, keep: list[int]) -> KVBatch | None:
+        """Keeps only the rows at ``keep``; None when no row is left."""
+        if not keep:
+            return None
+        if len(keep) == len(self.rows):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.pos = self.mask[idx], self.pos[idx]
+        self.temps, self.top_ps, self.next_ids = (
+            self.temps[idx],
+            self.top_ps[idx],
+            self.next_ids[idx],
+        )
+        if self.can_merge:
+            # Columns left of every live row's first token are padding for all: cut them.
+            first = int(self.mask.any(dim=0).to(torch.int8).argmax())
+            if first > 0:
+                for layer in self.cache.layers:
+                    layer.keys = layer.keys[:, :, first:, :]
+                    layer.values = layer.values[:, :, first:, :]
+                self.mask = self.mask[:, first:]
+        return self
+
+    def merge(self, other: KVBatch) -> KVBatch:
+        """Appends ``other``'s rows, left-padding the shorter cache to a common width."""
+        if not (self.can_merge and other.can_merge):
+            raise RuntimeError("this model's cache layers cannot take rows mid-batch")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        grow_a, grow_b = width - self.mask.shape[1], width - other.mask.shape[1]
+        for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
+            la.keys = torch.cat([_pad_seq(la.keys, grow_a), _pad_seq(lb.keys, grow_b)])
+            la.values = torch.cat([_pad_seq(la.values, grow_a), _pad_seq(lb.values, grow_b)])
+        self.mask = torch.cat([F.pad(self.mask, (grow_a, 0)), F.pad(other.mask, (grow_b, 0))])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.temps = torch.cat([self.temps, other.temps])
+        self.top_ps = torch.cat([self.top_ps, other.top_ps])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.rows = self.rows + other.rows
+        return self
+
+
+def _pad_seq(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Left-pads the sequence axis of a (B, H, S, D) cache tensor with n zero columns."""
+    return F.pad(t, (0, 0, n, 0)) if n else t

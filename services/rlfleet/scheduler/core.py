@@ -1,0 +1,199 @@
+"""The scheduler's transport-agnostic core: job API and the worker that runs jobs.
+
+The gRPC servicer (and, later, the REST router) are thin adapters over
+``SchedulerCore``. Jobs run one at a time in submission order. All job state is
+in Redis: after a restart the worker first resumes a job it finds ``running``
+(from its recorded step), then takes queued jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from pydantic import ValidationError
+
+from rlfleet.common.errors import FailedPrecondition, InvalidArgument, RlfleetError
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.scheduler import metrics
+from rlfleet.scheduler.jobs import Interrupted, Job, JobState, StepRecord, parse_state
+from rlfleet.scheduler.loop import JobRunner
+from rlfleet.scheduler.samples import load_codec
+from rlfleet.scheduler.store import JobStore
+from rlfleet.scheduler.strategy import check_mode
+
+logger = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 256
+
+
+def describe_spec_error(exc: ValidationError) -> str:
+    """One sentence naming each bad field of a JobSpec."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid job spec: " + "; ".join(parts)
+
+
+def validate_spec(spec_json: str) -> JobSpec:
+    """The parsed spec, or InvalidArgument naming what is wrong with it."""
+    if not spec_json.strip():
+        raise InvalidArgument("spec_json is empty; send a JobSpec as JSON")
+    try:
+        spec = JobSpec.model_validate_json(spec_json)
+    except ValidationError as exc:
+        raise InvalidArgument(describe_spec_error(exc)) from None
+    try:
+        spec.model.check_exists()
+        check_mode(spec.scheduling.mode)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid job spec: {exc}") from None
+    load_codec(spec.model.path)  # InvalidArgument without a tokenizer.json
+    return spec
+
+
+class SchedulerCore:
+    def __init__(self, *, store: JobStore, runner: JobRunner, poll_interval_s: float = 1.0):
+        self.store = store
+        self.runner = runner
+        self.poll_interval_s = poll_interval_s
+        self._lock = threading.Lock()
+        self._current: tuple[str, threading.Event] | None = None
+        self._wake = threading.Event()
+        self._shutdown = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- job API ------------------------------------------------------------
+
+    def submit(self, spec_json: str, *, idempotency_key: str = "") -> Job:
+        if len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(
+                f"idempotency_key is {len(idempotency_key)} characters long; "
+                f"at most {MAX_IDEMPOTENCY_KEY} are allowed"
+            )
+        spec = validate_spec(spec_json)
+        job, created = self.store.create(
+            spec_json=spec.model_dump_json(),
+            total_steps=spec.steps,
+            idempotency_key=idempotency_key,
+        )
+        if created:
+            logger.info("job %s queued", job.job_id, extra={"job_id": job.job_id})
+            self._refresh_gauges()
+            self._wake.set()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(
+        self, *, state: str = "", page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[Job], str]:
+        wanted = parse_state(state) if state else None
+        return self.store.list(state=wanted, page_size=page_size, page_token=page_token)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.transition(job_id, JobState.CANCELLED, reason="cancelled by request")
+        with self._lock:
+            if self._current is not None and self._current[0] == job_id:
+                self._current[1].set()  # aborts generation in flight
+        logger.info("job %s cancelled", job_id, extra={"job_id": job_id})
+        self._refresh_gauges()
+        return job
+
+    def steps(self, job_id: str, *, since_step: int = 0) -> list[StepRecord]:
+        return self.store.steps(job_id, since_step=since_step)
+
+    # -- worker ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the worker thread (resumes a running job first)."""
+        self._shutdown.clear()
+        self._thread = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops the worker; a job in progress stays ``running`` and resumes on the next start."""
+        self._shutdown.set()
+        with self._lock:
+            if self._current is not None:
+                self._current[1].set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _work(self) -> None:
+        while not self._shutdown.is_set():
+            try:
+                ran = self.run_once()
+            except Exception:  # noqa: BLE001 - e.g. Redis down: log and try again
+                logger.exception("scheduler worker error; retrying")
+                ran = False
+            if not ran:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """Runs the next job to its end (or until stopped); False if there was none."""
+        running = self.store.ids_in_state(JobState.RUNNING)
+        if running:
+            job_id = running[0]
+            logger.info("resuming job %s", job_id, extra={"job_id": job_id})
+        else:
+            job_id = self.store.next_queued()
+            if job_id is None:
+                return False
+            try:
+                self.store.transition(job_id, JobState.RUNNING)
+            except FailedPrecondition:
+                return True  # cancelled between being listed and picked up
+            logger.info("job %s started", job_id, extra={"job_id": job_id})
+        self._refresh_gauges()
+        try:
+            self._execute(job_id)
+        finally:
+            self._refresh_gauges()
+        return True
+
+    def _execute(self, job_id: str) -> None:
+        stop = threading.Event()
+        with self._lock:
+            self._current = (job_id, stop)
+        if self._shutdown.is_set():
+            stop.set()
+        try:
+            self.runner.run(job_id, stop)
+            logger.info("job %s succeeded", job_id, extra={"job_id": job_id})
+        except Interrupted as exc:
+            logger.info("job %s stopped: %s", job_id, exc, extra={"job_id": job_id})
+        except RlfleetError as exc:
+            self._fail(job_id, exc.message)
+        except ValidationError as exc:  # a stored spec that no longer validates
+            self._fail(job_id, describe_spec_error(exc))
+        except redis.RedisError:
+            # Not the job's fault: it stays running and is resumed once Redis answers.
+            raise
+        except Exception as exc:  # noqa: BLE001 - the reason must not carry a traceback
+            logger.exception("job %s hit an internal error", job_id)
+            self._fail(job_id, f"internal scheduler error ({type(exc).__name__}); see its log")
+        finally:
+            with self._lock:
+                self._current = None
+
+    def _fail(self, job_id: str, reason: str) -> None:
+        logger.error("job %s failed: %s", job_id, reason, extra={"job_id": job_id})
+        try:
+            self.store.transition(job_id, JobState.FAILED, reason=reason)
+        except FailedPrecondition:
+            pass  # cancelled meanwhile: that state stands
+
+    def _refresh_gauges(self) -> None:
+        try:
+            for state, n in self.store.count_by_state().items():
+                metrics.JOBS.labels(state.value).set(n)
+        except redis.RedisError:
+            logger.warning("could not read job counts from Redis")

@@ -1,0 +1,187 @@
+"""The step loop of one job (docs/DESIGN.md, "Flow of one synchronous step").
+
+Per step: bring lagging replicas up to date, roll out (the job's strategy),
+score and write to the buffer (reward), train (trainer), load the new version
+on every replica, record the step. The loop starts at the job's recorded
+``current_step``, so a job resumed after a scheduler restart redoes at most the
+step it was in; that is safe because sample ids are deterministic (the buffer
+keeps one copy) and TrainStep is idempotent per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+
+from rlfleet.common.errors import RlfleetError
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.tasks import PromptSource
+from rlfleet.scheduler import metrics
+from rlfleet.scheduler.clients import ServiceClients
+from rlfleet.scheduler.jobs import Interrupted, Job, JobState
+from rlfleet.scheduler.pool import ReplicaPool
+from rlfleet.scheduler.samples import load_codec
+from rlfleet.scheduler.store import JobStore
+from rlfleet.scheduler.strategy import RolloutStrategy, StepContext, setup_strategy
+from rlfleet.v1 import common_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        timings[f"{name}_seconds"] = elapsed
+        metrics.STEP_PHASE_SECONDS.labels(name).observe(elapsed)
+
+
+class JobRunner:
+    """Runs jobs' step loops against the replica pool, reward and trainer."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        pool: ReplicaPool,
+        clients: ServiceClients,
+        score_batch_size: int = 256,
+    ):
+        self.store = store
+        self.pool = pool
+        self.clients = clients
+        self.score_batch_size = score_batch_size
+
+    def run(self, job_id: str, stop: threading.Event) -> Job:
+        """Runs a running job from its recorded step to the end and marks it succeeded.
+
+        Raises Interrupted when ``stop`` is set or the job stops being running
+        (cancelled), and RlfleetError when a service fails for good.
+        """
+        job = self.store.get(job_id)
+        spec = JobSpec.model_validate_json(job.spec_json)
+        if job.current_step >= spec.steps:  # died after its last step was recorded
+            return self.store.transition(job_id, JobState.SUCCEEDED)
+        strategy = setup_strategy(spec.scheduling.mode, pool=self.pool)
+        codec = load_codec(spec.model.path)
+        prompts = PromptSource(spec.task)
+        version = self._init(job, spec)
+        for step in range(job.current_step, spec.steps):
+            self._check(job_id, stop)
+            ctx = StepContext(job_id, spec, step, version, codec, prompts, stop)
+            version = self._step(ctx, strategy)
+        return self.store.transition(job_id, JobState.SUCCEEDED)
+
+    def _check(self, job_id: str, stop: threading.Event) -> None:
+        if stop.is_set():
+            raise Interrupted("stop requested")
+        state = self.store.get(job_id).state
+        if state != JobState.RUNNING:
+            raise Interrupted(f"job is {state.value}")
+
+    def _init(self, job: Job, spec: JobSpec) -> int:
+        """InitJob on the trainer (version 0, or where it resumes), then load it everywhere."""
+        timings: dict[str, float] = {}
+        with _phase("init", timings):
+            reply = self.clients.init_job(job.job_id, job.spec_json)
+            if reply.version != job.current_step:
+                logger.warning(
+                    "trainer starts job %s at version %d but the job has completed %d steps",
+                    job.job_id,
+                    reply.version,
+                    job.current_step,
+                )
+            self.store.set_version(job.job_id, reply.version)
+            self.pool.refresh()
+            self.pool.ensure_version(
+                job_id=job.job_id,
+                version=reply.version,
+                model_path=spec.model.path,
+                limit=spec.resources.rollout_replicas,
+            )
+        logger.info(
+            "job %s starts at step %d, version %d (resumed: %s)",
+            job.job_id,
+            job.current_step,
+            reply.version,
+            reply.resumed,
+        )
+        return reply.version
+
+    def _step(self, ctx: StepContext, strategy: RolloutStrategy) -> int:
+        job_id, spec, step = ctx.job_id, ctx.spec, ctx.step
+        timings: dict[str, float] = {}
+        limit = spec.resources.rollout_replicas
+        with _phase("step", timings):
+            # Late joiners and restarted replicas catch up before they get work.
+            self.pool.refresh()
+            self.pool.ensure_version(
+                job_id=job_id, version=ctx.version, model_path=spec.model.path, limit=limit
+            )
+            with _phase("rollout", timings):
+                rollout = strategy.rollout(ctx)
+            self._check(job_id, ctx.stop)
+            with _phase("reward", timings):
+                rewards, written = self._score(job_id, spec, rollout.samples)
+            self._check(job_id, ctx.stop)
+            with _phase("train", timings):
+                trained = self.clients.train_step(job_id, step, len(rollout.samples))
+            with _phase("sync", timings):
+                self.pool.ensure_version(
+                    job_id=job_id, version=trained.version, model_path=spec.model.path, limit=limit
+                )
+        mean = sum(rewards) / len(rewards) if rewards else 0.0
+        step_metrics = {
+            **dict(trained.metrics),
+            **rollout.metrics,
+            **timings,
+            "reward_mean": mean,
+            "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+            if rewards
+            else 0.0,
+            "samples": float(len(rollout.samples)),
+            "samples_written": float(written),
+            "samples_trained": float(trained.samples_trained),
+            "policy_version": float(trained.version),
+        }
+        self.store.record_step(job_id, step, step_metrics, policy_version=trained.version)
+        metrics.STEPS_COMPLETED.inc()
+        logger.info(
+            "job %s step %d done: reward %.3f, version %d, %.2fs",
+            job_id,
+            step,
+            mean,
+            trained.version,
+            timings["step_seconds"],
+            extra={"job_id": job_id, "step": step},
+        )
+        return trained.version
+
+    def _score(
+        self, job_id: str, spec: JobSpec, samples: list[common_pb2.Sample]
+    ) -> tuple[list[float], int]:
+        """Scores the samples in batches and has reward write them to the buffer."""
+        rewards: list[float] = []
+        written = 0
+        for i in range(0, len(samples), self.score_batch_size):
+            batch = samples[i : i + self.score_batch_size]
+            reply = self.clients.score(
+                job_id,
+                batch,
+                verifier=spec.reward.verifier,
+                verifier_config_json=spec.reward.model_dump_json(),
+            )
+            if len(reply.rewards) != len(batch):
+                raise RlfleetError(
+                    f"reward: Score returned {len(reply.rewards)} rewards for {len(batch)} samples"
+                )
+            rewards += reply.rewards
+            written += reply.written
+        return rewards, written

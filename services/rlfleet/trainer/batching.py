@@ -1,0 +1,170 @@
+"""From buffer samples to padded tensors, and from a model to response log-probs.
+
+A training sequence is prompt + completion; only completion tokens carry loss.
+The logit at position p predicts token p + 1, so completion token j (at
+position P + j, P = prompt length) is scored by the logit at P + j − 1. We
+gather just those rows before the softmax, so prompt positions never cost a
+vocabulary-sized softmax.
+
+Log-prob convention shared with the rollout engines: log_softmax(logits / T)
+at the sampled token, T the sampling temperature (T = 1 when sampling is greedy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlfleet.common.errors import InvalidArgument
+from rlfleet.trainer.losses import token_entropy
+from rlfleet.v1.common_pb2 import Sample
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """The fields of a buffer Sample that training uses, checked once."""
+
+    sample_id: str
+    group_id: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    logp_infer: tuple[float, ...]
+    reward: float
+
+
+def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
+    """Validates one sample; a malformed one is the caller's error, never a crash here."""
+    sid = sample.sample_id or "<no sample_id>"
+    n = len(sample.completion_token_ids)
+    if len(sample.inference_logprobs) != n:
+        raise InvalidArgument(
+            f"sample {sid}: inference_logprobs has {len(sample.inference_logprobs)} entries "
+            f"for {n} completion_token_ids; every completion token needs its inference log-prob"
+        )
+    if not sample.prompt_token_ids:
+        raise InvalidArgument(f"sample {sid}: prompt_token_ids is empty")
+    for field in ("prompt_token_ids", "completion_token_ids"):
+        ids = getattr(sample, field)
+        if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise InvalidArgument(
+                f"sample {sid}: {field} holds a token id outside the model's vocabulary "
+                f"[0, {vocab_size})"
+            )
+    # A little above 0 is rounding in the engine's log_softmax; more is not a log-prob.
+    if any(math.isnan(x) or x > 1e-3 for x in sample.inference_logprobs):
+        raise InvalidArgument(
+            f"sample {sid}: inference_logprobs must be log-probabilities (≤ 0, not NaN)"
+        )
+    if not math.isfinite(sample.reward):
+        raise InvalidArgument(f"sample {sid}: reward is not a finite number")
+    return TrainSample(
+        sample_id=sample.sample_id,
+        group_id=sample.group_id or sample.sample_id,
+        prompt_ids=tuple(sample.prompt_token_ids),
+        completion_ids=tuple(sample.completion_token_ids),
+        logp_infer=tuple(sample.inference_logprobs),
+        reward=float(sample.reward),
+    )
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors for one forward pass; response tensors are ``[B, T]``."""
+
+    input_ids: Tensor  # [B, L]
+    attention_mask: Tensor  # [B, L]
+    score_positions: Tensor  # [B, T] index of the logit that scores each response token
+    completion_ids: Tensor  # [B, T]
+    logp_infer: Tensor  # [B, T]
+    valid: Tensor  # [B, T] bool, False on padding
+    advantages: Tensor  # [B]
+    rows: list[int]  # positions of these samples in the step's sample list
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            score_positions=self.score_positions.to(device),
+            completion_ids=self.completion_ids.to(device),
+            logp_infer=self.logp_infer.to(device),
+            valid=self.valid.to(device),
+            advantages=self.advantages.to(device),
+            rows=self.rows,
+        )
+
+
+def collate(
+    samples: Sequence[TrainSample], advantages: Tensor, rows: list[int], *, pad_id: int
+) -> MicroBatch:
+    """Pads prompt + completion on the right; response positions padded to the longest."""
+    batch = [samples[r] for r in rows]
+    seq_len = max(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
+    resp_len = max(1, max(len(s.completion_ids) for s in batch))
+    b = len(batch)
+    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, seq_len), dtype=torch.long)
+    positions = torch.zeros((b, resp_len), dtype=torch.long)
+    completion = torch.full((b, resp_len), pad_id, dtype=torch.long)
+    logp_infer = torch.zeros((b, resp_len), dtype=torch.float32)
+    valid = torch.zeros((b, resp_len), dtype=torch.bool)
+    for i, s in enumerate(batch):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        input_ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        attention[i, : p + c] = 1
+        positions[i, :c] = torch.arange(p - 1, p + c - 1)
+        completion[i, :c] = torch.tensor(s.completion_ids, dtype=torch.long)
+        logp_infer[i, :c] = torch.tensor(s.logp_infer, dtype=torch.float32)
+        valid[i, :c] = True
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        score_positions=positions,
+        completion_ids=completion,
+        logp_infer=logp_infer,
+        valid=valid,
+        advantages=advantages[rows].to(torch.float32),
+        rows=list(rows),
+    )
+
+
+def micro_batches(
+    samples: Sequence[TrainSample], advantages: Tensor, *, size: int, pad_id: int
+) -> list[MicroBatch]:
+    """Splits the step into micro-batches of ``size`` samples, similar lengths together."""
+    order = sorted(
+        range(len(samples)),
+        key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids),
+    )
+    return [
+        collate(samples, advantages, order[i : i + size], pad_id=pad_id)
+        for i in range(0, len(order), size)
+    ]
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    batch: MicroBatch,
+    *,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log π(y_t | prefix) = log_softmax(logits / T)[y_t] at every response position.
+
+    Returns ``[B, T]`` log-probs (float32; 0 on padding) and, if asked, the
+    entropy of the same distribution at each position.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits  # [B, L, V]
+    index = batch.score_positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    scored = torch.gather(logits, 1, index).float() / temperature  # [B, T, V]
+    logp_all = torch.log_softmax(scored, dim=-1)
+    logp = torch.gather(logp_all, -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(batch.valid, logp, torch.zeros_like(logp))
+    entropy = None
+    if with_entropy:
+        entropy = token_entropy(logp_all.detach())
+    return logp, entropy

@@ -1,0 +1,36 @@
+"""Settings of the trainer process (env prefix ``RLFLEET_TRAINER_``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rlfleet.common.config import ServiceConfig
+
+
+class TrainerConfig(ServiceConfig):
+    """The trainer: policy, optimizer, IcePop GRPO/PPO steps, checkpoints."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RLFLEET_TRAINER_", extra="forbid", env_nested_delimiter="__"
+    )
+    service_name: ClassVar[str] = "trainer"
+
+    weightsync_address: str = ""
+    """host:port of weight-sync; empty: new versions are not published (dry runs)."""
+    checkpoint_dir: str = "checkpoints"
+    """Root of the Hugging Face checkpoints: <checkpoint_dir>/<job_id>/step-<s>/."""
+    consumer: str = Field(default="trainer-0", min_length=1)
+    """Consumer name in the buffer's consumer group; keep it stable across restarts."""
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    """How long a TrainStep waits for its samples to appear in the buffer."""
+    reclaim_idle_s: float = Field(default=60.0, ge=0)
+    """Entries pending on another consumer this long are taken over (it is presumed dead)."""
+    push_timeout_s: float = Field(default=300.0, gt=0)
+    """Per-attempt timeout of publishing one version to weight-sync."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the policy lives; auto: cuda if available, else cpu."""
+    torch_threads: int = Field(default=0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default."""

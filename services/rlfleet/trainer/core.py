@@ -1,0 +1,131 @@
+"""The trainer service's core: its jobs, independent of gRPC.
+
+One ``JobTrainer`` per job (its model, optimizer and step loop). InitJob
+stores the job's spec in Redis, so after a trainer restart a TrainStep for a
+job this process has not seen is served by reloading the spec and resuming
+from the job's newest checkpoint, instead of failing the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from rlfleet.common.buffer import ExperienceBuffer
+from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.trainer.job import JobTrainer
+from rlfleet.trainer.publish import WeightPublisher
+from rlfleet.trainer.state import StepResult, TrainerStore
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JobTrainer", "TrainerCore", "check_job_id"]
+
+# The job id names a checkpoint directory and Redis keys: keep it to safe characters.
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.match(job_id or ""):
+        raise InvalidArgument(
+            f"job_id {job_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return job_id
+
+
+class TrainerCore:
+    def __init__(
+        self,
+        *,
+        buffer: ExperienceBuffer,
+        store: TrainerStore,
+        publisher: WeightPublisher,
+        checkpoint_dir: str | Path,
+        consumer: str = "trainer-0",
+        read_timeout_s: float = 60.0,
+        reclaim_idle_s: float = 60.0,
+        device: torch.device | None = None,
+    ):
+        self.buffer = buffer
+        self.store = store
+        self.publisher = publisher
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.consumer = consumer
+        self.read_timeout_s = read_timeout_s
+        self.reclaim_idle_s = reclaim_idle_s
+        self.device = device
+        self.jobs: dict[str, JobTrainer] = {}
+        self._lock = threading.Lock()
+        self._job_locks: dict[str, threading.Lock] = {}
+
+    def _job_lock(self, job_id: str) -> threading.Lock:
+        with self._lock:
+            return self._job_locks.setdefault(job_id, threading.Lock())
+
+    def init_job(self, job_id: str, spec: JobSpec) -> tuple[int, bool]:
+        """Loads (or resumes) the job and publishes its version; returns (version, resumed).
+
+        Repeating InitJob for a job this process holds returns its current version.
+        """
+        check_job_id(job_id)
+        try:
+            spec.model.check_exists()
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        with self._job_lock(job_id):
+            existing = self.jobs.get(job_id)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise FailedPrecondition(
+                        f"job {job_id} is already initialised on this trainer with a different spec"
+                    )
+                return existing.version, existing.version > 0
+            self.store.put_spec(job_id, spec.model_dump_json())
+            trainer = JobTrainer(
+                job_id=job_id,
+                spec=spec,
+                buffer=self.buffer,
+                store=self.store,
+                publisher=self.publisher,
+                checkpoint_dir=self.checkpoint_dir,
+                consumer=self.consumer,
+                read_timeout_s=self.read_timeout_s,
+                reclaim_idle_s=self.reclaim_idle_s,
+                device=self.device,
+            )
+            version, resumed = trainer.init_job()
+            self.jobs[job_id] = trainer
+            return version, resumed
+
+    def train_step(self, job_id: str, step: int, num_samples: int) -> StepResult:
+        check_job_id(job_id)
+        trainer = self.jobs.get(job_id)
+        if trainer is None:
+            stored = self.store.get_result(job_id, step)
+            if stored is not None:  # answered before a restart: no model needed
+                self.buffer.ack(job_id, stored.entry_ids)
+                return stored
+            spec_json = self.store.get_spec(job_id)
+            if spec_json is None:
+                raise NotFound(f"job {job_id} was never initialised; call InitJob first")
+            logger.info("resuming a job after a restart", extra={"job_id": job_id})
+            self.init_job(job_id, JobSpec.model_validate_json(spec_json))
+            trainer = self.jobs[job_id]
+        return trainer.train_step(step, num_samples)
+
+    def status(self, job_id: str) -> tuple[int, int]:
+        """(version, last_step) of a job this process holds."""
+        check_job_id(job_id)
+        trainer = self.jobs.get(job_id)
+        if trainer is None:
+            raise NotFound(f"job {job_id} is not loaded on this trainer")
+        return trainer.version, trainer.last_step
+
+    def close(self) -> None:
+        self.publisher.close()

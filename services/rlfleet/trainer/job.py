@@ -1,0 +1,441 @@
+"""One job's policy, optimizer and training step.
+
+A step, in the order that keeps experience safe across crashes:
+
+1. take the step's samples from the buffer (own pending entries first, then
+   entries a dead consumer left pending, then new ones);
+2. GRPO advantages per group; log-probs at θ_old without gradient (the
+   training engine's view of the rollout weights, IcePop's p_train);
+3. the PPO/IcePop loss over micro-batches with exact gradient accumulation,
+   gradient clipping, one AdamW step;
+4. a checkpoint when one is due;
+5. publish version step + 1 to weight-sync;
+6. store the step result (idempotency), then acknowledge the entries.
+
+If the process dies before 6 the entries stay pending for the next trainer
+(step 1 picks them up again); if it dies between storing and acknowledging, a
+repeated TrainStep re-acknowledges them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from rlfleet.common.buffer import Entry, ExperienceBuffer
+from rlfleet.common.errors import FailedPrecondition, InvalidArgument
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.trainer import metrics as prom
+from rlfleet.trainer.batching import TrainSample, micro_batches, response_logprobs, to_train_sample
+from rlfleet.trainer.checkpoint import CheckpointStore
+from rlfleet.trainer.losses import group_advantages, icepop_ppo_loss, mismatch_metrics
+from rlfleet.trainer.publish import WeightPublisher
+from rlfleet.trainer.state import StepResult, TrainerStore
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(kind: str = "auto") -> torch.device:
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(kind)
+
+
+def load_causal_lm(path: str | Path, *, dtype: str, device: torch.device) -> torch.nn.Module:
+    """A Hugging Face causal LM in training mode minus dropout (see ``JobTrainer``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    # eval(): dropout off. Rollout engines sample without dropout, and the θ_old
+    # pass and the θ pass must see the same function for r = p_θ / p_θold to mean
+    # anything; gradients flow the same in eval mode.
+    # Several GPUs: this is where the model would be wrapped in torch.distributed
+    # FSDP (fully_shard per decoder layer, then the root) after init_process_group,
+    # with the optimizer built over the sharded parameters and state_dict /
+    # checkpoint calls going through torch.distributed.checkpoint. Not implemented:
+    # this trainer runs one process on one device.
+    return model.to(device).eval()
+
+
+class JobTrainer:
+    """Policy, optimizer and step loop of one job; thread-safe (one step at a time)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        spec: JobSpec,
+        buffer: ExperienceBuffer,
+        store: TrainerStore,
+        publisher: WeightPublisher,
+        checkpoint_dir: str | Path,
+        consumer: str = "trainer-0",
+        read_timeout_s: float = 60.0,
+        reclaim_idle_s: float = 60.0,
+        device: torch.device | None = None,
+    ):
+        self.job_id = job_id
+        self.spec = spec
+        self.buffer = buffer
+        self.store = store
+        self.publisher = publisher
+        self.checkpoints = CheckpointStore(checkpoint_dir, job_id, keep=spec.checkpoint.keep)
+        self.consumer = consumer
+        self.read_timeout_s = read_timeout_s
+        self.reclaim_idle_s = reclaim_idle_s
+        self.device = device or pick_device()
+        self.version = 0
+        self.last_step = -1
+        self.model: torch.nn.Module | None = None
+        self.ref_model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._unpublished: StepResult | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ init
+    def init_job(self) -> tuple[int, bool]:
+        """Loads the base model or resumes; publishes that version; returns (version, resumed).
+
+        Resuming takes the newest checkpoint (weights + AdamW state), then the
+        weights of any later step whose result is stored, from weight-sync.
+        """
+        with self._lock:
+            torch.manual_seed(self.spec.seed)
+            self.checkpoints.remove_partial()
+            latest = self.checkpoints.latest()
+            source = latest.path if latest else Path(self.spec.model.path)
+            self.model = load_causal_lm(source, dtype=self.spec.model.dtype, device=self.device)
+            alg = self.spec.algorithm
+            self.optimizer = torch.optim.AdamW(
+                self.model.parameters(),
+                lr=alg.lr,
+                betas=tuple(alg.betas),
+                weight_decay=alg.weight_decay,
+            )
+            if alg.kl_coef > 0:
+                self.ref_model = load_causal_lm(
+                    self.spec.model.path, dtype=self.spec.model.dtype, device=self.device
+                ).requires_grad_(False)
+            if latest is not None:
+                self.checkpoints.load_optimizer(latest, self.optimizer, device=self.device)
+                self.version, self.last_step = latest.version, latest.step
+            restored = self._catch_up_from_weightsync()
+            if not restored:  # weight-sync already holds what it handed us
+                self._publish_resumed(source)
+            if latest is not None:
+                self._settle_checkpointed_step(latest.state.get("result"))
+            resumed = self.version > 0
+            prom.POLICY_VERSION.labels(self.job_id).set(self.version)
+            logger.info(
+                "job initialised",
+                extra={
+                    "job_id": self.job_id,
+                    "version": self.version,
+                    "resumed": resumed,
+                    "source": str(source),
+                },
+            )
+            return self.version, resumed
+
+    def _catch_up_from_weightsync(self) -> bool:
+        """Steps stored past the newest checkpoint (or with none): take their weights back.
+
+        Their results are in Redis and their weights were published, so the
+        job continues at the last published version instead of failing; the
+        AdamW moments are those of the checkpoint (or fresh), which is logged.
+        """
+        last = self.last_step
+        while self.store.get_result(self.job_id, last + 1) is not None:
+            last += 1
+        if last == self.last_step:
+            return False
+        target = last + 1
+        state = self.publisher.fetch(job_id=self.job_id, version=target)
+        if state is None:
+            raise FailedPrecondition(
+                f"job {self.job_id} trained up to version {target}, but its newest checkpoint "
+                f"holds version {self.version} and weight-sync no longer has version {target}; "
+                "the job cannot resume (set checkpoint.every_steps to checkpoint more often)"
+            )
+        self.model.load_state_dict(state, strict=True)
+        logger.warning(
+            "resumed from weights held by weight-sync; optimizer moments are older",
+            extra={"job_id": self.job_id, "version": target, "checkpoint_version": self.version},
+        )
+        self.version, self.last_step = target, last
+        return True
+
+    def _publish_resumed(self, source: Path) -> None:
+        try:
+            self.publisher.publish(job_id=self.job_id, version=self.version, model=self.model)
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(
+                f"job {self.job_id} resumed at version {self.version} from {source}, but "
+                f"weight-sync refused it: {exc.message}"
+            ) from None
+
+    def _settle_checkpointed_step(self, saved: dict | None) -> None:
+        """The checkpoint's own step may have died before its result was stored: store it now."""
+        if not saved:
+            return
+        result = StepResult.from_dict(saved)
+        if self.store.get_result(self.job_id, result.step) is None:
+            self.store.put_result(self.job_id, result)
+        self.buffer.ack(self.job_id, result.entry_ids)
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, step: int, num_samples: int) -> StepResult:
+        """TrainStep(step): idempotent; publishes version step + 1."""
+        if step < 0:
+            raise InvalidArgument(f"step must be ≥ 0, got {step}")
+        with self._lock:
+            stored = self.store.get_result(self.job_id, step)
+            if stored is not None:
+                self.buffer.ack(self.job_id, stored.entry_ids)
+                return stored
+            if self.model is None:
+                raise FailedPrecondition(
+                    f"job {self.job_id} is not initialised; call InitJob first"
+                )
+            if self._unpublished is not None and self._unpublished.step != step:
+                raise FailedPrecondition(
+                    f"step {self._unpublished.step} of job {self.job_id} is trained but not yet "
+                    f"published; repeat TrainStep(step={self._unpublished.step}) first"
+                )
+            if self._unpublished is None:
+                if step != self.version:
+                    raise FailedPrecondition(
+                        f"trainer holds version {self.version} of job {self.job_id}; step {step} "
+                        f"needs version {step} (steps run in order from the version InitJob returned)"
+                    )
+                if num_samples < 1:
+                    raise InvalidArgument(f"num_samples must be ≥ 1, got {num_samples}")
+                self._unpublished = self._train(step, num_samples)
+            return self._finish(self._unpublished)
+
+    def _train(self, step: int, num_samples: int) -> StepResult:
+        start = time.perf_counter()
+        previous = self.store.get_result(self.job_id, step - 1) if step > 0 else None
+        if previous is not None:  # an earlier process stored it and died before the ack
+            self.buffer.ack(self.job_id, previous.entry_ids)
+        entries = self._take(num_samples, step=step)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
+        metrics = self._optimise(samples)
+        self.version, self.last_step = step + 1, step
+        metrics["step_seconds"] = time.perf_counter() - start
+        result = StepResult(
+            step=step,
+            version=step + 1,
+            metrics=metrics,
+            samples_trained=len(samples),
+            entry_ids=[e.entry_id for e in entries],
+        )
+        if self._checkpoint_due(step):
+            result.checkpoint_path = str(self.checkpoints.dir / f"step-{step}")
+        return result
+
+    def _finish(self, result: StepResult) -> StepResult:
+        """Checkpoint (if due and missing), publish, store, acknowledge — safe to repeat."""
+        if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
+            self._checkpoint(result)
+        self.publisher.publish(job_id=self.job_id, version=result.version, model=self.model)
+        self.store.put_result(self.job_id, result)
+        self._unpublished = None
+        self.buffer.ack(self.job_id, result.entry_ids)
+        prom.POLICY_VERSION.labels(self.job_id).set(result.version)
+        prom.STEP_SECONDS.labels(self.job_id).observe(result.metrics.get("step_seconds", 0.0))
+        prom.TOKENS_TRAINED.labels(self.job_id).inc(result.metrics.get("tokens", 0.0))
+        prom.SAMPLES_TRAINED.labels(self.job_id).inc(result.samples_trained)
+        prom.record_step(self.job_id, result.metrics)
+        logger.info(
+            "step trained",
+            extra={
+                "job_id": self.job_id,
+                "step": result.step,
+                **{k: round(v, 6) for k, v in result.metrics.items()},
+            },
+        )
+        return result
+
+    # ------------------------------------------------------------------ buffer
+    def _take(self, n: int, *, step: int) -> list[Entry]:
+        """n entries: own pending (after a restart), reclaimed from dead consumers, then new."""
+        taken: dict[str, Entry] = {}
+
+        def add(entries: list[Entry]) -> None:
+            for e in entries:
+                if len(taken) < n:
+                    taken.setdefault(e.entry_id, e)
+
+        add(self.buffer.read_own_pending(self.job_id, self.consumer, count=n))
+        if len(taken) < n:
+            # XAUTOCLAIM may hand back our own idle entries too; ``taken`` dedupes them.
+            add(
+                self.buffer.reclaim(
+                    self.job_id,
+                    self.consumer,
+                    min_idle_ms=int(self.reclaim_idle_s * 1000),
+                    count=n - len(taken),
+                )
+            )
+        deadline = time.monotonic() + self.read_timeout_s
+        while len(taken) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FailedPrecondition(
+                    f"only {len(taken)} of {n} samples for step {step} of job {self.job_id} "
+                    f"arrived in the buffer within {self.read_timeout_s:.0f}s"
+                )
+            block_ms = max(1, int(min(left, 1.0) * 1000))
+            add(
+                self.buffer.read(
+                    self.job_id, self.consumer, count=n - len(taken), block_ms=block_ms
+                )
+            )
+        return list(taken.values())
+
+    # ------------------------------------------------------------------ optimisation
+    def _optimise(self, samples: list[TrainSample]) -> dict[str, float]:
+        """One optimizer step over the step's samples; returns the step metrics."""
+        spec, alg, corr = self.spec, self.spec.algorithm, self.spec.correction
+        model, dev = self.model, self.device
+        temperature = spec.sampling.temperature or 1.0  # greedy sampling: log-probs at T = 1
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+        advantages = group_advantages(
+            rewards, [s.group_id for s in samples], scale=alg.scale_rewards
+        )
+        pad_id = _pad_id(model)
+        batches = [
+            mb.to(dev)
+            for mb in micro_batches(samples, advantages, size=alg.micro_batch_size, pad_id=pad_id)
+        ]
+        num_samples = len(samples)
+
+        # θ_old = the weights that produced the rollouts: the training engine's
+        # log-probs of the sampled tokens, without gradient (IcePop's p_train).
+        old, ref = [], []
+        flat_old, flat_infer, flat_entropy = [], [], []
+        with torch.no_grad():
+            for mb in batches:
+                logp_old, entropy = response_logprobs(
+                    model, mb, temperature=temperature, with_entropy=True
+                )
+                old.append(logp_old)
+                flat_old.append(logp_old[mb.valid])
+                flat_infer.append(mb.logp_infer[mb.valid])
+                flat_entropy.append(entropy[mb.valid])
+                if self.ref_model is not None:
+                    ref.append(response_logprobs(self.ref_model, mb, temperature=temperature)[0])
+
+        # The loss of each micro-batch is already divided by G (the step's
+        # samples), so summed gradients equal the gradient of the step's loss.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = policy = kl = 0.0
+        clipped = 0
+        for i, mb in enumerate(batches):
+            logp, _ = response_logprobs(model, mb, temperature=temperature)
+            parts = icepop_ppo_loss(
+                logp=logp,
+                logp_old=old[i],
+                logp_infer=mb.logp_infer,
+                advantages=mb.advantages,
+                valid=mb.valid,
+                num_samples=num_samples,
+                clip_eps=alg.clip_eps,
+                kind=corr.kind,
+                alpha=corr.alpha,
+                beta=corr.beta,
+                cap=corr.tis_cap,
+                kl_coef=alg.kl_coef,
+                logp_ref=ref[i] if ref else None,
+            )
+            parts.loss.backward()
+            loss += float(parts.loss.detach())
+            policy += float(parts.policy_loss)
+            kl += float(parts.kl)
+            clipped += int(parts.clipped_tokens)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm))
+        skipped = not math.isfinite(grad_norm)
+        if skipped:  # a NaN/inf gradient would poison the weights; keep them instead
+            logger.warning(
+                "non-finite gradient norm; optimizer step skipped", extra={"job_id": self.job_id}
+            )
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float64)
+        tokens = int(lengths.sum())
+        out = {
+            "loss": loss,
+            "policy_loss": policy,
+            "kl_ref": kl,
+            "grad_norm": grad_norm,
+            "update_skipped": float(skipped),
+            "clip_fraction": clipped / tokens if tokens else 0.0,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(correction=0)),
+            "response_length_mean": float(lengths.mean()),
+            "zero_advantage_fraction": float((advantages == 0).double().mean()),
+            "tokens": float(tokens),
+            "samples": float(num_samples),
+            "lr": float(alg.lr),
+        }
+        out.update(
+            mismatch_metrics(
+                logp_old=torch.cat(flat_old).cpu(),
+                logp_infer=torch.cat(flat_infer).cpu(),
+                entropy=torch.cat(flat_entropy).cpu(),
+                alpha=corr.alpha,
+                beta=corr.beta,
+            )
+        )
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.spec.checkpoint.every_steps
+        return step == self.spec.steps - 1 or (every > 0 and (step + 1) % every == 0)
+
+    def _checkpoint(self, result: StepResult) -> None:
+        start = time.perf_counter()
+        self.checkpoints.save(
+            step=result.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            tokenizer_dir=self.spec.model.path,
+            state={
+                "job_id": self.job_id,
+                "spec": self.spec.model_dump(mode="json"),
+                "result": result.to_dict(),
+            },
+        )
+        seconds = time.perf_counter() - start
+        prom.CHECKPOINT_SECONDS.labels(self.job_id).observe(seconds)
+        logger.info(
+            "checkpoint written",
+            extra={
+                "job_id": self.job_id,
+                "step": result.step,
+                "path": result.checkpoint_path,
+                "seconds": round(seconds, 3),
+            },
+        )
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    """Any valid token id works: padded positions are masked from attention and loss."""
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and value >= 0:
+            return value
+    return 0

@@ -1,0 +1,355 @@
+"""The trainer against a real Redis buffer and the real weight-sync process.
+
+The core is driven in-process (fast), the whole service once as its own
+process over gRPC. Samples carry inference log-probs taken from a forward pass
+of the same tiny model plus noise, with a few tokens pushed far off so IcePop
+has something to mask.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+import torch
+from rlfleet.common.buffer import setup_buffer
+from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from rlfleet.common.grpc_client import make_channel
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.weights import assemble, decode_state_dict
+from rlfleet.trainer.core import TrainerCore
+from rlfleet.trainer.publish import setup_publisher
+from rlfleet.trainer.state import TrainerStore
+from rlfleet.v1 import trainer_pb2, trainer_pb2_grpc, weightsync_pb2, weightsync_pb2_grpc
+from rlfleet.v1.common_pb2 import Sample
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["3 + 4 = ? Answer:", "12 - 5 = ? Answer:"]
+GROUP_SIZE = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores shared by everyone
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rollout_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def make_samples(model, model_dir: Path, *, job_id: str, step: int, seed: int) -> list[Sample]:
+    """Two GRPO groups of three, completions of 5, 3 and 0 tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    out = []
+    for g, text in enumerate(PROMPTS):
+        prompt = tok.encode(text).ids
+        for m in range(GROUP_SIZE):
+            n = [5, 3, 0][m]
+            completion = torch.randint(3, vocab, (n,), generator=gen).tolist()
+            logps: list[float] = []
+            if n:
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]
+                scored = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+                exact = scored.gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+                noisy = exact + 0.02 * torch.randn(n, generator=gen)
+                if m == 0:
+                    noisy[0] = exact[0] - 3.0  # k = e^3 > β: IcePop masks it
+                logps = noisy.clamp(max=0.0).tolist()
+            gid = f"s{step}g{g}"
+            out.append(
+                Sample(
+                    job_id=job_id,
+                    sample_id=f"{gid}-{m}",
+                    group_id=gid,
+                    step=step,
+                    prompt_token_ids=prompt,
+                    completion_token_ids=completion,
+                    inference_logprobs=logps,
+                    token_versions=[step] * n,
+                    reward=[1.0, 0.0, 0.5][m] if g == 0 else [0.0, 1.0, 1.0][m],
+                    finish_reason="length",
+                )
+            )
+    return out
+
+
+def _spec(model_dir: Path, **over) -> JobSpec:
+    raw = {
+        "model": {"path": str(model_dir)},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 5},
+        "algorithm": {"group_size": GROUP_SIZE, "prompts_per_step": 2, "lr": 1e-3,
+                      "micro_batch_size": 4},
+        "checkpoint": {"every_steps": 1, "keep": 2},
+        "steps": 2,
+    }  # fmt: skip
+    raw.update(over)
+    return JobSpec.model_validate(raw)
+
+
+@pytest.fixture
+def weightsync(service_factory, tmp_path):
+    return service_factory(
+        "weightsync", "rlfleet.weightsync", ["--spool-dir", str(tmp_path / "spool")]
+    )
+
+
+def _core(redis_url: str, ckpt: Path, ws_address: str = "", **kw) -> TrainerCore:
+    publisher = (
+        setup_publisher("grpc", address=ws_address, timeout_s=60)
+        if ws_address
+        else setup_publisher("none")
+    )
+    return TrainerCore(
+        buffer=setup_buffer("redis", redis_url),
+        store=TrainerStore.from_url(redis_url),
+        publisher=publisher,
+        checkpoint_dir=ckpt,
+        device=torch.device("cpu"),
+        **{"read_timeout_s": 10.0, "reclaim_idle_s": 60.0, **kw},
+    )
+
+
+def _pull(ws_address: str, job_id: str) -> tuple[int, dict[str, torch.Tensor]]:
+    with make_channel(ws_address) as ch:
+        stub = weightsync_pb2_grpc.WeightSyncServiceStub(ch)
+        chunks = stub.PullVersion(weightsync_pb2.PullVersionRequest(job_id=job_id), timeout=30)
+        _, version, payload, _ = assemble(chunks)
+    return version, decode_state_dict(payload)
+
+
+def test_train_steps_publish_checkpoint_and_acknowledge(
+    redis_url, tiny_model_dir, rollout_model, weightsync, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = "job-t1"
+    ckpt = tmp_path / "ckpt"
+    core = _core(redis_url, ckpt, weightsync.address)
+    buffer = setup_buffer("redis", redis_url)
+    assert core.init_job(job, _spec(tiny_model_dir)) == (0, False)
+    version, weights = _pull(weightsync.address, job)
+    base = {k: v.clone() for k, v in core.jobs[job].model.state_dict().items()}
+    assert version == 0 and torch.equal(weights["lm_head.weight"], base["lm_head.weight"])
+
+    samples = make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=0)
+    assert buffer.append(job, samples) == 6
+    result = core.train_step(job, 0, 6)
+    assert result.version == 1 and result.samples_trained == 6
+    m = result.metrics
+    assert m["masked_above_beta"] == pytest.approx(2 / 16)  # one spiked token per group
+    assert m["masked_below_alpha"] == 0.0
+    assert m["masked_entropy"] > 0.0 and m["grad_norm"] > 0.0
+    assert m["reward_mean"] == pytest.approx(3.5 / 6)
+    assert m["response_length_mean"] == pytest.approx(16 / 6)
+    assert 0.0 < m["max_abs_dp"] < 1.0 and m["k_mean"] > 1.0
+    for key in ("loss", "train_infer_kl_k1", "train_infer_kl_k3", "clip_fraction"):
+        assert key in m
+
+    # the entries are acknowledged, the new weights published and different
+    assert buffer.length(job) == 0 and buffer.pending(job) == 0
+    version, weights = _pull(weightsync.address, job)
+    now = core.jobs[job].model.state_dict()
+    assert version == 1
+    assert not torch.equal(
+        now["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]
+    )
+    for name, tensor in now.items():
+        assert torch.equal(weights[name], tensor), name
+
+    # a repeated TrainStep returns the stored result and trains nothing
+    again = core.train_step(job, 0, 6)
+    assert again == result
+    assert torch.equal(core.jobs[job].model.state_dict()["lm_head.weight"], now["lm_head.weight"])
+
+    # every_steps = 1: a Hugging Face checkpoint per step, loadable by transformers
+    assert result.checkpoint_path == str(ckpt / job / "step-0")
+    loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
+    assert torch.equal(loaded.state_dict()["lm_head.weight"], now["lm_head.weight"])
+    assert AutoTokenizer.from_pretrained(result.checkpoint_path).encode("3 + 4")
+
+    # steps out of order are refused; the next one trains
+    with pytest.raises(FailedPrecondition):
+        core.train_step(job, 5, 6)
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=1, seed=1))
+    assert core.train_step(job, 1, 6).version == 2
+    assert core.status(job) == (2, 1)
+    core.close()
+
+    # a restarted trainer: stored results answer at once; InitJob resumes the checkpoint
+    restarted = _core(redis_url, ckpt, weightsync.address)
+    assert restarted.train_step(job, 1, 6).version == 2
+    assert restarted.init_job(job, _spec(tiny_model_dir)) == (2, True)
+    resumed = restarted.jobs[job].model.state_dict()
+    assert torch.equal(
+        resumed["lm_head.weight"], core.jobs[job].model.state_dict()["lm_head.weight"]
+    )
+    assert sorted(p.name for p in (ckpt / job).iterdir()) == ["step-0", "step-1"]
+    restarted.close()
+
+    # a TrainStep for a job the process has not seen reloads its spec from Redis
+    # and resumes from the newest checkpoint before training
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=2, seed=5))
+    again_restarted = _core(redis_url, ckpt, weightsync.address)
+    assert again_restarted.train_step(job, 2, 6).version == 3
+    assert _pull(weightsync.address, job)[0] == 3
+    assert sorted(p.name for p in (ckpt / job).iterdir()) == ["step-1", "step-2"]  # keep = 2
+    again_restarted.close()
+
+
+def test_samples_come_from_own_pending_and_dead_consumers(
+    redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    job = "job-t2"
+    core = _core(redis_url, tmp_path / "ckpt", reclaim_idle_s=0.0)
+    buffer = setup_buffer("redis", redis_url)
+    core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=2))
+    # a trainer that died holding 4 entries, and 2 delivered to us before our restart
+    assert len(buffer.read(job, "trainer-dead", count=4)) == 4
+    assert len(buffer.read(job, "trainer-0", count=2)) == 2
+    result = core.train_step(job, 0, 6)
+    assert result.samples_trained == 6
+    assert buffer.length(job) == 0 and buffer.pending(job) == 0
+
+
+def test_bad_samples_and_missing_samples_are_refused(
+    redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    job = "job-t3"
+    core = _core(redis_url, tmp_path / "ckpt", read_timeout_s=0.5)
+    buffer = setup_buffer("redis", redis_url)
+    with pytest.raises(NotFound):
+        core.train_step(job, 0, 6)
+    with pytest.raises(InvalidArgument, match="job_id"):
+        core.train_step("../etc", 0, 6)
+    core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))
+    with pytest.raises(FailedPrecondition, match="0 of 6 samples"):
+        core.train_step(job, 0, 6)
+    samples = make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=3)
+    del samples[0].inference_logprobs[-1]
+    buffer.append(job, samples)
+    with pytest.raises(InvalidArgument, match="inference_logprobs"):
+        core.train_step(job, 0, 6)
+    assert core.status(job) == (0, -1)  # nothing was trained
+    assert buffer.pending(job) == 6  # and nothing acknowledged
+
+
+def _grpc_code(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert "Traceback" not in (info.value.details() or "")
+    return info.value.code()
+
+
+def test_trainer_process_over_grpc(
+    service_factory, weightsync, redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    trainer = service_factory(
+        "trainer",
+        "rlfleet.trainer",
+        [
+            "--redis-url", redis_url,
+            "--weightsync-address", weightsync.address,
+            "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--torch-threads", "1",
+            "--log-format", "text",
+        ],
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    job = "job-t4"
+    spec_json = _spec(tiny_model_dir, steps=1).model_dump_json()
+    with make_channel(trainer.address) as ch:
+        stub = trainer_pb2_grpc.TrainerServiceStub(ch)
+        bad = json.dumps({"model": {"path": str(tiny_model_dir)}, "steps": 0})
+        req = trainer_pb2.InitJobRequest(job_id=job, spec_json=bad)
+        assert _grpc_code(lambda: stub.InitJob(req, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
+        missing = trainer_pb2.InitJobRequest(job_id=job, spec_json='{"model": {"path": "/nope"}}')
+        assert (
+            _grpc_code(lambda: stub.InitJob(missing, timeout=30))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        status = trainer_pb2.TrainerStatusRequest(job_id=job)
+        assert _grpc_code(lambda: stub.GetStatus(status, timeout=30)) == grpc.StatusCode.NOT_FOUND
+
+        init = stub.InitJob(
+            trainer_pb2.InitJobRequest(job_id=job, spec_json=spec_json), timeout=120
+        )
+        assert init.version == 0 and not init.resumed
+        setup_buffer("redis", redis_url).append(
+            job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=4)
+        )
+        step = trainer_pb2.TrainStepRequest(job_id=job, step=0, num_samples=6)
+        reply = stub.TrainStep(step, timeout=300)
+        assert reply.version == 1 and reply.samples_trained == 6
+        assert reply.checkpoint_path.endswith("step-0")  # the final step (steps = 1)
+        assert reply.metrics["masked_fraction"] > 0.0
+        assert stub.TrainStep(step, timeout=60) == reply
+        assert stub.GetStatus(status, timeout=30).version == 1
+
+    with make_channel(weightsync.address) as ch:
+        ws = weightsync_pb2_grpc.WeightSyncServiceStub(ch)
+        assert ws.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id=job), timeout=30).version == 1
+    assert redis.Redis.from_url(redis_url).xlen(f"rlfleet:exp:{job}") == 0
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{trainer.info['metrics_port']}/metrics")
+    text = scrape.read().decode()
+    assert f'rlfleet_trainer_masked_fraction{{job="{job}"}}' in text
+    assert f'rlfleet_trainer_samples_trained_total{{job="{job}"}} 6.0' in text
+
+
+def test_a_step_survives_weightsync_being_down(
+    service_factory, redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    from rlfleet.common.errors import Unavailable
+    from rlfleet.common.procs import free_port
+
+    port = free_port()
+    args = ["--spool-dir", str(tmp_path / "spool"), "--port", str(port)]
+    ws = service_factory("weightsync", "rlfleet.weightsync", args)
+    job = "job-t5"
+    core = _core(redis_url, tmp_path / "ckpt", ws.address)
+    core.publisher.timeout_s, core.publisher.deadline_s = 1.0, 2.0
+    buffer = setup_buffer("redis", redis_url)
+    core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=6))
+    ws.stop()
+
+    with pytest.raises(Unavailable):
+        core.train_step(job, 0, 6)
+    # trained but not published: nothing acknowledged, no later step accepted
+    assert buffer.pending(job) == 6
+    with pytest.raises(FailedPrecondition, match="not yet published"):
+        core.train_step(job, 1, 6)
+
+    trained = core.jobs[job].model.state_dict()["lm_head.weight"].clone()
+    ws = service_factory("weightsync-again", "rlfleet.weightsync", args)
+    core.publisher.timeout_s, core.publisher.deadline_s = 10.0, 60.0
+    result = core.train_step(job, 0, 6)  # the retry publishes; it does not train again
+    assert result.version == 1
+    assert torch.equal(core.jobs[job].model.state_dict()["lm_head.weight"], trained)
+    assert _pull(ws.address, job)[0] == 1
+    assert buffer.length(job) == 0 and buffer.pending(job) == 0
+    core.close()
+
+    # a restart with no checkpoint yet (every_steps = 0): the stored step's
+    # weights come back from weight-sync, so the job goes on at version 1
+    restarted = _core(redis_url, tmp_path / "ckpt", ws.address)
+    spec = _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5)
+    assert restarted.init_job(job, spec) == (1, True)
+    assert torch.equal(restarted.jobs[job].model.state_dict()["lm_head.weight"], trained)
+    restarted.close()
