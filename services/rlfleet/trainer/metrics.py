@@ -11,21 +11,21 @@ from prometheus_client import Counter, Gauge, Histogram
 STEP_SECONDS = Histogram(
     "rlfleet_trainer_step_seconds",
     "Wall time of one training step (read, forward/backward, optimizer, publish).",
-    ["job"],
+    ["job_id"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
 CHECKPOINT_SECONDS = Histogram(
     "rlfleet_trainer_checkpoint_seconds",
     "Wall time of writing one checkpoint.",
-    ["job"],
+    ["job_id"],
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900),
 )
 TOKENS_TRAINED = Counter(
-    "rlfleet_trainer_tokens_trained_total", "Response tokens trained on.", ["job"]
+    "rlfleet_trainer_tokens_trained_total", "Response tokens trained on.", ["job_id"]
 )
-SAMPLES_TRAINED = Counter("rlfleet_trainer_samples_trained_total", "Samples trained on.", ["job"])
+SAMPLES_TRAINED = Counter("rlfleet_trainer_samples_trained_total", "Samples trained on.", ["job_id"])
 POLICY_VERSION = Gauge(
-    "rlfleet_trainer_policy_version", "Policy version the trainer holds.", ["job"]
+    "rlfleet_trainer_policy_version", "Policy version the trainer holds.", ["job_id"]
 )
 
 # One gauge per step metric; keys are those of TrainStepResponse.metrics.
@@ -49,7 +49,7 @@ _STEP_GAUGES = {
     "masked_entropy": "Mean training-policy entropy at the tokens outside [alpha, beta].",
 }
 STEP_GAUGES = {
-    key: Gauge(f"rlfleet_trainer_{key}", doc, ["job"]) for key, doc in _STEP_GAUGES.items()
+    key: Gauge(f"rlfleet_trainer_{key}", doc, ["job_id"]) for key, doc in _STEP_GAUGES.items()
 }
 
 

@@ -1,0 +1,438 @@
+"""The Helm chart: lints, renders with every shipped values set, and every object it renders
+is a valid Kubernetes object (strict schemas, so a misspelt field fails) that follows the
+chart's promises: non-root, read-only root filesystems, gRPC probes, GPUs from values,
+namespaced RBAC, no hard-coded namespace, and flags the services actually accept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+import pytest
+import yaml
+from deploy_helpers import (
+    CHART,
+    DASHBOARDS,
+    RULES,
+    SERVICES,
+    VALUE_SETS,
+    _helm,
+    by_kind,
+    config_class,
+    find,
+    load_values,
+    notes,
+    pod_specs,
+    render,
+    run_promtool,
+    strip_meta,
+)
+
+# The oldest Kubernetes the chart supports (native gRPC probes are GA there) and the newest
+# schema kubernetes-validate ships.
+KUBE_VERSIONS = ("1.27.0", "latest")
+# Custom resources of prometheus-operator: kubernetes-validate has no schema for them; they
+# are checked by the tests below instead.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+SETS = list(VALUE_SETS)
+
+
+@pytest.fixture(scope="module", params=SETS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(load_values(request.param))
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_chart_lints_clean(name):
+    helm = _helm()
+    report = helm.lint(str(CHART), load_values(name), strict=True, namespace="rl")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+def test_chart_metadata_is_helm3():
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["apiVersion"] == "v2"
+    assert meta["type"] == "application"
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_every_object_validates_against_kubernetes_schema(rendered, kube):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    version = kv.latest_version() if kube == "latest" else kube
+    name, objects = rendered
+    assert objects, f"{name}: nothing rendered"
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        try:
+            kv.validate(strip_meta(obj), version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(
+                f"{name}: {obj['kind']} {obj['metadata']['name']} ({obj['_template']}) is not "
+                f"a valid Kubernetes {version} object: {exc}"
+            )
+
+
+def test_every_object_has_chart_labels_and_release_namespace(rendered):
+    name, objects = rendered
+    values = load_values(name)
+    dashboard_ns = values.get("dashboards", {}).get("namespace") or "rl"
+    for obj in objects:
+        meta = obj["metadata"]
+        labels = meta.get("labels", {})
+        assert labels.get("app.kubernetes.io/instance") == "rlfleet", (obj["kind"], meta["name"])
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm"
+        expected = (
+            dashboard_ns
+            if obj["_template"].endswith("configmap.yaml") and ("grafana_dashboard" in labels)
+            else "rl"
+        )
+        assert meta.get("namespace") == expected, (obj["kind"], meta["name"])
+
+
+def test_no_namespace_is_hard_coded():
+    # The same values in two namespaces differ only where the namespace appears (and in the
+    # Redis password, random per render offline).
+    a = yaml.safe_dump_all([strip_meta(o) for o in render(namespace="team-a")])
+    b = yaml.safe_dump_all([strip_meta(o) for o in render(namespace="team-b")])
+    assert "team-b" not in a and "team-a" not in b
+    password = re.compile(r"redis-password: .*")
+    assert password.sub("", a.replace("team-a", "NS")) == password.sub(
+        "", b.replace("team-b", "NS")
+    )
+
+
+def test_pods_run_non_root_with_read_only_root_and_no_capabilities(rendered):
+    name, objects = rendered
+    for workload, spec in pod_specs(objects):
+        where = f"{name}: {workload['kind']} {workload['metadata']['name']}"
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert spec.get("enableServiceLinks") is False, where
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert not sc["capabilities"].get("add"), where
+
+
+def test_only_the_scheduler_gets_an_api_token(rendered):
+    _name, objects = rendered
+    for workload, spec in pod_specs(objects):
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert spec["automountServiceAccountToken"] is (component == "scheduler"), component
+
+
+def test_services_have_native_grpc_probes(rendered):
+    _name, objects = rendered
+    seen = set()
+    for workload, spec in pod_specs(objects):
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "redis":
+            continue
+        seen.add(component)
+        container = spec["containers"][0]
+        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == grpc_port, (component, probe)
+    assert seen == set(SERVICES)
+
+
+def _container(objects, component) -> dict:
+    for workload, spec in pod_specs(objects):
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == component:
+            return spec["containers"][0]
+    raise AssertionError(f"no workload for {component}")
+
+
+def test_gpus_come_from_values():
+    objects = render()
+    for component in ("rollout", "trainer"):
+        res = _container(objects, component)["resources"]
+        assert res["requests"]["nvidia.com/gpu"] == 1
+        assert res["limits"]["nvidia.com/gpu"] == 1
+        assert _container(objects, component)["image"].endswith("-cuda")
+    for component in ("scheduler", "reward", "weightsync"):
+        res = _container(objects, component)["resources"]
+        assert "nvidia.com/gpu" not in res.get("limits", {})
+        assert not _container(objects, component)["image"].endswith("-cuda")
+
+    objects = render({"rollout": {"gpu": {"count": 4}}, "trainer": {"gpu": {"count": 0}}})
+    assert _container(objects, "rollout")["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "nvidia.com/gpu" not in _container(objects, "trainer")["resources"]["limits"]
+
+    cpu_only = render(load_values("ci-values"))
+    for workload, spec in pod_specs(cpu_only):
+        for container in spec["containers"]:
+            assert "nvidia.com/gpu" not in str(container.get("resources")), workload
+
+
+def test_rbac_lets_only_the_scheduler_read_pods_in_its_namespace():
+    objects = render(namespace="ml")
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    (role,) = by_kind(objects, "Role")
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert {"pods", "endpoints"} <= resources
+    assert verbs == {"get", "list", "watch"}
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (subject,) = binding["subjects"]
+    assert subject["namespace"] == "ml"
+    scheduler = find(objects, "Deployment", "rlfleet-scheduler")
+    assert scheduler["spec"]["template"]["spec"]["serviceAccountName"] == subject["name"]
+
+
+def test_bundled_redis_is_persistent_with_a_password_secret():
+    objects = render()
+    redis = find(objects, "StatefulSet", "rlfleet-redis")
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    conf = find(objects, "ConfigMap", "rlfleet-redis")["data"]["redis.conf"]
+    assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    secret = find(objects, "Secret", "rlfleet-redis")
+    assert secret["data"]["redis-password"]
+    env = {e["name"]: e for e in _container(objects, "trainer")["env"]}
+    assert env["RLFLEET_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "rlfleet-redis"
+    url = env["RLFLEET_TRAINER_REDIS_URL"]["value"]
+    assert url == "redis://:$(RLFLEET_REDIS_PASSWORD)@rlfleet-redis.rl.svc:6379/0"
+    # Kubernetes expands $(VAR) only from variables defined earlier in the list.
+    names = [e["name"] for e in _container(objects, "trainer")["env"]]
+    assert names.index("RLFLEET_REDIS_PASSWORD") < names.index("RLFLEET_TRAINER_REDIS_URL")
+
+
+def test_external_redis_by_url_or_existing_secret():
+    objects = render(load_values("ci-values"))
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-redis")]
+    secret = find(objects, "Secret", "ci-fleet-redis-url")
+    assert "redis-url" in secret["data"]
+    for service in SERVICES:
+        env = {e["name"]: e for e in _container(objects, service)["env"]}
+        ref = env[f"RLFLEET_{service.upper()}_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "ci-fleet-redis-url", "key": "redis-url"}
+
+    objects = render(
+        {
+            "redis": {
+                "enabled": False,
+                "external": {"existingSecret": "mine", "existingSecretKey": "u"},
+            }
+        }
+    )
+    assert not by_kind(objects, "Secret")
+    env = {e["name"]: e for e in _container(objects, "reward")["env"]}
+    assert env["RLFLEET_REWARD_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mine",
+        "key": "u",
+    }
+
+
+def test_render_fails_with_a_sentence_on_impossible_values():
+    helm = _helm()
+    with pytest.raises(helm.HelmError, match="redis.external.url"):
+        render({"redis": {"enabled": False}})
+    with pytest.raises(helm.HelmError, match="rolloutDiscovery"):
+        render({"rollout": {"autoscaling": {"enabled": True}}})
+
+
+def test_rollout_is_a_statefulset_with_a_headless_service_and_stable_addresses():
+    objects = render()
+    sts = find(objects, "StatefulSet", "rlfleet-rollout")
+    svc = find(objects, "Service", "rlfleet-rollout")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert sts["spec"]["serviceName"] == "rlfleet-rollout"
+    assert sts["spec"]["replicas"] == 2
+    args = _container(objects, "scheduler")["args"]
+    addresses = args[args.index("--rollout-addresses") + 1].split(",")
+    assert addresses == [
+        "rlfleet-rollout-0.rlfleet-rollout.rl.svc:50051",
+        "rlfleet-rollout-1.rlfleet-rollout.rl.svc:50051",
+    ]
+
+
+def test_autoscaling_values_render_an_hpa_on_the_rollout_statefulset():
+    objects = render(load_values("autoscaling-values"))
+    (hpa,) = by_kind(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "rlfleet-rollout",
+    }
+    assert "replicas" not in find(objects, "StatefulSet", "rlfleet-rollout")["spec"]
+    assert "--rollout-addresses" not in _container(objects, "scheduler")["args"]
+
+
+def test_pod_disruption_budgets_follow_values():
+    default = {p["metadata"]["name"] for p in by_kind(render(), "PodDisruptionBudget")}
+    assert default == {"rlfleet-rollout", "rlfleet-reward"}
+    ci = {
+        p["metadata"]["name"]
+        for p in by_kind(render(load_values("ci-values")), "PodDisruptionBudget")
+    }
+    assert ci == {f"ci-fleet-{s}" for s in ("scheduler", "rollout", "reward", "trainer")}
+
+
+def _ingress_sources(policy: dict, port: str) -> list[str | None]:
+    """Components allowed in on a named port; None stands for "anyone"."""
+    out: list[str | None] = []
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if not rule.get("from"):
+            out.append(None)
+        for peer in rule.get("from", []):
+            labels = peer.get("podSelector", {}).get("matchLabels", {})
+            out.append(labels.get("app.kubernetes.io/component", "other"))
+    return out
+
+
+def test_network_policies_admit_only_the_callers():
+    objects = render()
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    assert _ingress_sources(policies["rlfleet-rollout"], "grpc") == ["scheduler"]
+    assert _ingress_sources(policies["rlfleet-reward"], "grpc") == ["scheduler"]
+    assert _ingress_sources(policies["rlfleet-trainer"], "grpc") == ["scheduler"]
+    assert sorted(_ingress_sources(policies["rlfleet-weightsync"], "grpc")) == [
+        "rollout",
+        "scheduler",
+        "trainer",
+    ]
+    assert _ingress_sources(policies["rlfleet-scheduler"], "grpc") == [None]
+    (redis_rule,) = policies["rlfleet-redis"]["spec"]["ingress"]
+    (peer,) = redis_rule["from"]
+    assert peer["podSelector"]["matchExpressions"][0]["values"] == list(
+        ("scheduler", "rollout", "reward", "trainer", "weightsync")
+    )
+
+
+def test_ci_values_restrict_egress_to_peers_dns_and_the_api_server():
+    objects = render(load_values("ci-values"))
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    scheduler = policies["ci-fleet-scheduler"]["spec"]
+    assert "Egress" in scheduler["policyTypes"]
+    assert any(
+        peer.get("ipBlock", {}).get("cidr") == "10.0.0.1/32"
+        for rule in scheduler["egress"]
+        for peer in rule.get("to", [])
+    )
+    reward = policies["ci-fleet-reward"]["spec"]["egress"]
+    callees = {
+        peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+        for rule in reward
+        for peer in rule.get("to", [])
+    }
+    assert callees == {None}  # DNS and the external Redis only, no rlfleet service
+
+
+def test_service_monitor_scrapes_every_service_as_rlfleet_jobs():
+    objects = render(load_values("ci-values"))
+    (sm,) = by_kind(objects, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    selected = sm["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert sorted(selected) == sorted(SERVICES)
+    (endpoint,) = sm["spec"]["endpoints"]
+    relabel = endpoint["relabelings"][0]
+    assert relabel["targetLabel"] == "job" and relabel["replacement"] == "rlfleet-$1"
+    for service in by_kind(objects, "Service"):
+        if service["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES:
+            assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+
+
+def test_prometheus_rule_carries_the_rules_file(promtool, tmp_path):
+    objects = render(load_values("ci-values"))
+    (rule,) = by_kind(objects, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    path = tmp_path / "from-chart.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    run_promtool(promtool, "check", "rules", str(path))
+
+
+def test_dashboards_ship_as_sidecar_configmaps():
+    objects = render()
+    maps = [
+        o for o in by_kind(objects, "ConfigMap") if o["metadata"]["labels"].get("grafana_dashboard")
+    ]
+    shipped = {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")}
+    assert shipped, "no dashboards in deploy/grafana/dashboards"
+    got = {}
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        got.update(cm["data"])
+    assert {k: v.strip() for k, v in got.items()} == {k: v.strip() for k, v in shipped.items()}
+    assert not [
+        o
+        for o in by_kind(render({"dashboards": {"enabled": False}}), "ConfigMap")
+        if "grafana_dashboard" in o["metadata"]["labels"]
+    ]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("name", SETS)
+def test_rendered_flags_env_and_config_load_into_the_service_settings(
+    name, service, tmp_path, monkeypatch
+):
+    """A container's args, RLFLEET_* env and config.toml are accepted by load_config."""
+    from rlfleet.common.config import load_config
+
+    objects = render(load_values(name))
+    cls = config_class(service)
+    container = _container(objects, service)
+    args = list(container["args"])
+    assert container["command"] == ["rlfleet"] and args[0] == service
+    args = args[1:]
+    for flag, field in (("--discovery", "discovery"), ("--engine", "engine")):
+        # Values the chart offers ahead of the services (documented in its README).
+        if flag in args and args[args.index(flag) + 1] not in _choices(cls, field):
+            pytest.skip(
+                f"{name}: {service} does not offer {field} {args[args.index(flag) + 1]!r} yet"
+            )
+    toml_text = find(objects, "ConfigMap", _config_map(objects, service))["data"]["config.toml"]
+    tomllib.loads(toml_text)
+    config_file = tmp_path / f"{service}.toml"
+    config_file.write_text(toml_text)
+    args[args.index("--config") + 1] = str(config_file)
+    env = {}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"].replace("$(RLFLEET_REDIS_PASSWORD)", "pw")
+        else:
+            env[var["name"]] = "redis://redis.example:6379/0"
+    for key in [k for k in os.environ if k.startswith("RLFLEET_")]:
+        monkeypatch.delenv(key)
+    prefix = f"RLFLEET_{service.upper()}_"
+    for key, value in env.items():
+        if key.startswith(prefix):
+            monkeypatch.setenv(key, value)
+    cfg = load_config(cls, args)
+    assert cfg.host == "0.0.0.0" and cfg.port == 50051 and cfg.metrics_port == 9400
+    assert cfg.redis_url.startswith("redis://")
+    for var in env:
+        # RLFLEET_SCHEDULER_ROLLOUT_* serve the kubernetes discovery the scheduler lacks yet.
+        if var.startswith(prefix) and not var.startswith("RLFLEET_SCHEDULER_ROLLOUT_"):
+            field = var.removeprefix(prefix).lower()
+            assert field in cls.model_fields, f"{service}: {var} sets no setting"
+
+
+def _choices(cls, field: str) -> tuple:
+    import typing
+
+    return typing.get_args(cls.model_fields[field].annotation)
+
+
+def _config_map(objects, service) -> str:
+    for workload, spec in pod_specs(objects):
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == service:
+            return next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")
+    raise AssertionError(service)
+
+
+def test_notes_tell_how_to_reach_the_fleet():
+    text = notes()
+    assert "rlfleet-scheduler" in text and "rlfleet --scheduler" in text
+    assert "WARNING: model.existingClaim is empty" in text
+    assert "WARNING" not in notes(load_values("ci-values"))
