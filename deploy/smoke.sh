@@ -68,7 +68,7 @@ echo "== waiting for $STEPS steps of job $job_id (at most ${TIMEOUT_S}s)"
 deadline=$(( $(date +%s) + TIMEOUT_S ))
 state=""
 while :; do
-  status=$(in_scheduler rlfleet status "$job_id")
+  status=$(in_scheduler rlfleet status --json "$job_id")
   state=$(printf '%s\n' "$status" | sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p' | head -n1)
   step=$(printf '%s\n' "$status" | sed -n 's/.*"current_step": *"\{0,1\}\([0-9]*\)"\{0,1\}.*/\1/p' | head -n1)
   echo "   state=${state:-?} step=${step:-0}/$STEPS"

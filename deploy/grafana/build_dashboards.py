@@ -488,6 +488,86 @@ def c3po() -> dict:
                 description="Generated tokens of purged rollouts are never trained on.",
                 min_zero=True,
             ),
+            row("Budget, pool and retention (C3PO++ jobs)"),
+            panel(
+                "Token budget used (C / Φ)",
+                [q("rlfleet_scheduler_c3po_budget_used_fraction", "C / Φ")],
+                description="Completion tokens of the groups released in the last step over the "
+                "budget Φ. Above 1: groups that finished while the replicas were being stopped.",
+                unit="percentunit",
+                min_zero=True,
+                w=8,
+            ),
+            panel(
+                "Unfinished sequences in the pool",
+                [q("rlfleet_scheduler_c3po_pool_sequences", "in P after the step")],
+                description="Rollouts carried over to the next policy version.",
+                decimals=0,
+                min_zero=True,
+                w=8,
+            ),
+            panel(
+                "Scheduling decision time (p95)",
+                [q(p_quantile("rlfleet_scheduler_c3po_decision_seconds", 0.95, "job"), "p95")],
+                description="Time of the scheduler's own code in a rollout phase, without "
+                "waiting for replicas.",
+                unit="s",
+                w=8,
+            ),
+            panel(
+                "Sequences per second, by outcome",
+                [
+                    q(
+                        "sum by (outcome) (rate(rlfleet_scheduler_c3po_sequences_total[$__rate_interval]))",
+                        "{{outcome}}",
+                    )
+                ],
+                description="completed; carried over to the next version; resumed from a "
+                "carried prefix; aborted (handed back partial); purged past the retention limit σ.",
+                min_zero=True,
+            ),
+            panel(
+                "GRPO groups per second, by outcome",
+                [
+                    q(
+                        "sum by (outcome) (rate(rlfleet_scheduler_c3po_groups_total[$__rate_interval]))",
+                        "{{outcome}}",
+                    )
+                ],
+                description="new (prompts drawn), released to training, purged.",
+                min_zero=True,
+            ),
+            panel(
+                "Carry-overs of trained samples",
+                [
+                    q(p_quantile("rlfleet_scheduler_c3po_retention", 0.5, "job"), "p50"),
+                    q(p_quantile("rlfleet_scheduler_c3po_retention", 0.99, "job"), "p99"),
+                ],
+                description="How many iterations a trained sample's rollout was carried over "
+                "(at most σ).",
+                min_zero=True,
+            ),
+            panel(
+                "Policy versions within one sample (p95)",
+                [q(p_quantile("rlfleet_scheduler_sample_version_span", 0.95, "job"), "p95")],
+                description="Newest minus oldest policy version among a trained sample's tokens "
+                "(0 under sync).",
+                decimals=0,
+                min_zero=True,
+            ),
+            panel(
+                "Replica idle time in the rollout phase",
+                [
+                    q(
+                        "sum by (replica) (rate(rlfleet_scheduler_replica_idle_seconds_total[$__rate_interval]))",
+                        "{{replica}}",
+                    )
+                ],
+                description="Seconds per second a replica had nothing to generate.",
+                unit="percentunit",
+                min_zero=True,
+                w=24,
+            ),
         ],
     )
 
@@ -657,12 +737,50 @@ def weightsync() -> dict:
 
 
 def buffer() -> dict:
+    bj = 'job_id=~"$job_id"'
     return dashboard(
         "rlfleet-buffer",
         "Experience buffer",
         "Scored experience flowing through the Redis stream: written by reward, consumed and "
-        "acknowledged by the trainer after each step.",
+        "acknowledged by the trainer after each step. The rlfleet_buffer_* series come from "
+        "the scheduler, which reads each running job's stream from Redis when scraped.",
         [
+            panel(
+                "Samples waiting in the buffer",
+                [q(f"max by (job_id) (rlfleet_buffer_length{{{bj}}})", "{{job_id}}")],
+                description="Entries of the job's stream not yet acknowledged, read or unread. "
+                "A healthy job drains it at every training step.",
+                decimals=0,
+                min_zero=True,
+                w=8,
+            ),
+            panel(
+                "Delivered, not yet acknowledged",
+                [q(f"max by (job_id) (rlfleet_buffer_pending{{{bj}}})", "{{job_id}}")],
+                description="Samples a trainer has read and not yet acknowledged: the step in "
+                "progress, or what a crashed trainer left for the next one to reclaim.",
+                decimals=0,
+                min_zero=True,
+                w=8,
+            ),
+            panel(
+                "Oldest waiting sample",
+                [
+                    q(
+                        f"max by (job_id) (rlfleet_buffer_oldest_age_seconds{{{bj}}})",
+                        "unacknowledged {{job_id}}",
+                    ),
+                    q(
+                        f"max by (job_id) (rlfleet_buffer_oldest_pending_age_seconds{{{bj}}})",
+                        "delivered {{job_id}}",
+                    ),
+                ],
+                description="How long experience waits for training. The backlog alert fires "
+                "when it passes 30 minutes while the stream grows.",
+                unit="s",
+                min_zero=True,
+                w=8,
+            ),
             panel(
                 "Samples per second: written vs trained",
                 [
@@ -731,6 +849,7 @@ def buffer() -> dict:
                 unit="s",
             ),
         ],
+        [var_query("job_id", "RL job", "label_values(rlfleet_buffer_length, job_id)")],
     )
 
 

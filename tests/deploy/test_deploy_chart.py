@@ -310,6 +310,43 @@ def test_network_policies_admit_only_the_callers():
     )
 
 
+def test_scheduler_serves_the_rest_api_next_to_grpc():
+    """Port http (8080) on the container and the Service, open to the same peers as gRPC."""
+    for name, values, fullname in (
+        ("default", {}, "rlfleet"),
+        ("ci-values", load_values("ci-values"), "ci-fleet"),
+    ):
+        objects = render(values)
+        scheduler = f"{fullname}-scheduler"
+        container = _container(objects, "scheduler")
+        assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+        args = container["args"]
+        assert args[args.index("--http-port") + 1] == "8080"
+        ports = {p["name"]: p for p in find(objects, "Service", scheduler)["spec"]["ports"]}
+        assert ports["http"]["targetPort"] == "http", name
+        assert ports["http"]["port"] == (80 if name == "ci-values" else 8080)
+        (api_rule, _metrics_rule) = find(objects, "NetworkPolicy", scheduler)["spec"]["ingress"]
+        assert [p["port"] for p in api_rule["ports"]] == ["grpc", "http"]
+        assert api_rule.get("from", []) == values.get("networkPolicy", {}).get("apiIngressFrom", [])
+        for service in ("rollout", "reward", "trainer", "weightsync"):
+            assert "http" not in [p["name"] for p in _container(objects, service)["ports"]]
+    # Token auth: the hashes Secret is mounted as a directory (rotations reach the pod).
+    spec = next(
+        s
+        for w, s in pod_specs(render(load_values("ci-values")))
+        if w["metadata"]["name"] == "ci-fleet-scheduler"
+    )
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "api-tokens"]
+    assert volume["secret"]["secretName"] == "rlfleet-api-tokens"
+    (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-tokens"]
+    assert "subPath" not in mount and mount["readOnly"]
+
+
+def test_token_auth_without_token_hashes_is_refused():
+    with pytest.raises(Exception, match="scheduler.api.tokensSecret"):
+        render({"scheduler": {"api": {"auth": "token"}}})
+
+
 def test_ci_values_restrict_egress_to_peers_dns_and_the_api_server():
     objects = render(load_values("ci-values"))
     policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
@@ -385,8 +422,8 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
     args = list(container["args"])
     assert container["command"] == ["rlfleet"] and args[0] == service
     args = args[1:]
-    for flag, field in (("--discovery", "discovery"), ("--engine", "engine")):
-        # Values the chart offers ahead of the services (documented in its README).
+    for flag, field in (("--engine", "engine"),):
+        # Engines the chart offers ahead of the rollout service (documented in its README).
         if flag in args and args[args.index(flag) + 1] not in _choices(cls, field):
             pytest.skip(
                 f"{name}: {service} does not offer {field} {args[args.index(flag) + 1]!r} yet"
@@ -396,10 +433,20 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
     config_file = tmp_path / f"{service}.toml"
     config_file.write_text(toml_text)
     args[args.index("--config") + 1] = str(config_file)
+    if "--api-tokens-file" in args:
+        # Where the pod mounts the tokens Secret; here a file with one token hash.
+        i = args.index("--api-tokens-file") + 1
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "api-tokens")
+        assert args[i].startswith(mount["mountPath"] + "/") and mount["readOnly"]
+        tokens = tmp_path / "api-tokens"
+        tokens.write_text("0" * 64 + " write ci\n")
+        args[i] = str(tokens)
     env = {}
     for var in container["env"]:
         if "value" in var:
             env[var["name"]] = var["value"].replace("$(RLFLEET_REDIS_PASSWORD)", "pw")
+        elif "fieldRef" in var["valueFrom"]:  # the downward API, e.g. the pod's namespace
+            env[var["name"]] = "rl"
         else:
             env[var["name"]] = "redis://redis.example:6379/0"
     for key in [k for k in os.environ if k.startswith("RLFLEET_")]:
@@ -408,14 +455,26 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
     for key, value in env.items():
         if key.startswith(prefix):
             monkeypatch.setenv(key, value)
+    if "RLFLEET_API_TOKENS" in env:  # token hashes from a Secret, through the environment
+        monkeypatch.setenv("RLFLEET_API_TOKENS", "0" * 64)
     cfg = load_config(cls, args)
     assert cfg.host == "0.0.0.0" and cfg.port == 50051 and cfg.metrics_port == 9400
     assert cfg.redis_url.startswith("redis://")
     for var in env:
-        # RLFLEET_SCHEDULER_ROLLOUT_* serve the kubernetes discovery the scheduler lacks yet.
-        if var.startswith(prefix) and not var.startswith("RLFLEET_SCHEDULER_ROLLOUT_"):
+        if var.startswith(prefix):
             field = var.removeprefix(prefix).lower()
             assert field in cls.model_fields, f"{service}: {var} sets no setting"
+    if service == "scheduler":
+        assert cfg.http_port == 8080
+        assert cfg.auth == load_values(name).get("scheduler", {}).get("api", {}).get(
+            "auth", "local"
+        )
+    if service == "scheduler" and cfg.discovery == "kubernetes":
+        assert cfg.rollout_namespace == "rl"
+        assert cfg.rollout_selector == (
+            "app.kubernetes.io/instance=rlfleet,app.kubernetes.io/component=rollout"
+        )
+        assert cfg.rollout_port == 50051
 
 
 def _choices(cls, field: str) -> tuple:
@@ -433,6 +492,8 @@ def _config_map(objects, service) -> str:
 
 def test_notes_tell_how_to_reach_the_fleet():
     text = notes()
-    assert "rlfleet-scheduler" in text and "rlfleet --scheduler" in text
+    assert "rlfleet-scheduler" in text and "rlfleet --url http://127.0.0.1:8080 submit" in text
+    assert "port-forward svc/rlfleet-scheduler 8080:http" in text
+    assert "--token" in notes(load_values("ci-values"))
     assert "WARNING: model.existingClaim is empty" in text
     assert "WARNING" not in notes(load_values("ci-values"))

@@ -92,6 +92,18 @@ def test_scheduler_knows_both_replicas_and_every_peer(compose):
     )
 
 
+def test_scheduler_publishes_grpc_and_the_rest_api_on_loopback(compose):
+    from rlfleet.common.config import load_config
+
+    scheduler = compose["services"]["scheduler"]
+    cfg = load_config(config_class("scheduler"), scheduler["command"][1:])
+    assert cfg.http_port == 8080
+    published = {(p["target"], p["host_ip"], str(p["published"])) for p in scheduler["ports"]}
+    assert published == {(50051, "127.0.0.1", "50051"), (8080, "127.0.0.1", "8080")}
+    # The CLI in the container (deploy/smoke.sh) reaches the REST API.
+    assert scheduler["environment"]["RLFLEET_URL"] == "http://127.0.0.1:8080"
+
+
 def test_prometheus_scrapes_every_service_metrics_port(compose):
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {

@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `rlfleet up` starts every service as its own
-process, `rlfleet submit` sends a job, `rlfleet logs -f` follows it to the end.
+process, `rlfleet submit` sends a job over the REST API, `rlfleet logs -f`
+follows its event stream to the end, `rlfleet cancel` stops a second one.
 Then the accounting: rewards computed, every experience consumed and
 acknowledged, every rollout replica at each new policy version.
 """
@@ -12,12 +13,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
-from rlfleet.cli.scheduler_client import SchedulerClient
 from rlfleet.common.grpc_client import make_channel
 from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+from rlfleet_client import RlfleetClient
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,7 @@ def _job_spec(model_dir, steps: int) -> dict:
 def fleet(tmp_path):
     run_dir = tmp_path / "fleet"
     proc = subprocess.Popen(
-        [*RLFLEET, "--run-dir", str(run_dir), "up", "--rollout-replicas", "2"],
+        [*RLFLEET, "--run-dir", str(run_dir), "up", "--rollout-replicas", "2", "--http-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -86,9 +88,10 @@ def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert follow.returncode == 0, follow.stdout + follow.stderr
+    assert "succeeded" in follow.stdout and f"{steps}/{steps}" in follow.stdout
 
-    client = SchedulerClient(info["scheduler"])
-    job = client.get(job_id)
+    client = RlfleetClient(info["url"])
+    job = client.get_job(job_id)
     assert job.state == "succeeded", job.reason
     records = client.steps(job_id)
     assert [r.step for r in records] == list(range(steps))
@@ -96,7 +99,9 @@ def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):
         assert "reward_mean" in rec.metrics
         assert 0.0 <= rec.metrics["reward_mean"] <= 1.0
     assert job.policy_version == steps
-    client.close()
+    # The last step is always checkpointed, in Hugging Face format.
+    [ckpt] = client.checkpoints(job_id)
+    assert ckpt.step == steps - 1 and (Path(ckpt.path) / "config.json").is_file()
 
     # Every experience was consumed and acknowledged.
     r = redis.Redis.from_url(info["redis_url"])
@@ -112,3 +117,17 @@ def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):
         ).replicas
     held = {rep.replica_id: rep.version for rep in replicas}
     assert held == {"rollout-0": steps, "rollout-1": steps}
+
+    # A second job, cancelled from the CLI while queued or running.
+    second = client.submit(_job_spec(tiny_model_dir, 50))
+    cancel = subprocess.run(
+        [*RLFLEET, "--run-dir", str(run_dir), "cancel", second.id],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout, cancel.stderr
+    listing = subprocess.run(
+        [*RLFLEET, "--run-dir", str(run_dir), "jobs"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    assert job_id in listing and second.id in listing
+    client.close()

@@ -185,6 +185,14 @@ match). */}}
 {{- $root := .root }}
 {{- $name := .name }}
 {{- if eq $name "scheduler" }}
+- --http-port
+- {{ $root.Values.ports.http | quote }}
+- --auth
+- {{ $root.Values.scheduler.api.auth }}
+{{- if $root.Values.scheduler.api.tokensSecret }}
+- --api-tokens-file
+- {{ printf "%s/%s" (include "rlfleet.apiTokensDir" $root) $root.Values.scheduler.api.tokensSecretKey | quote }}
+{{- end }}
 - --discovery
 - {{ $root.Values.scheduler.rolloutDiscovery }}
 {{- if eq $root.Values.scheduler.rolloutDiscovery "static" }}
@@ -241,6 +249,11 @@ match). */}}
 - name: RLFLEET_SCHEDULER_ROLLOUT_PORT
   value: {{ $root.Values.ports.grpc | quote }}
 {{- end }}
+{{- end }}
+
+{{/* Where the scheduler sees the API token hashes (scheduler.api.tokensSecret). */}}
+{{- define "rlfleet.apiTokensDir" -}}
+/var/run/rlfleet/api-tokens
 {{- end }}
 
 {{/* Does this component mount the model volume? */}}
@@ -326,6 +339,11 @@ spec:
         - name: metrics
           containerPort: {{ $root.Values.ports.metrics }}
           protocol: TCP
+        {{- if eq $name "scheduler" }}
+        - name: http
+          containerPort: {{ $root.Values.ports.http }}
+          protocol: TCP
+        {{- end }}
       {{- with include "rlfleet.probes" . | trim }}{{ . | nindent 6 }}{{ end }}
       resources:
         {{- include "rlfleet.resources" (dict "c" $c) | nindent 8 }}
@@ -358,6 +376,13 @@ spec:
         {{- if eq $name "weightsync" }}
         - name: spool
           mountPath: {{ $c.spool.mountPath }}
+        {{- end }}
+        {{- if and (eq $name "scheduler") $root.Values.scheduler.api.tokensSecret }}
+        # A directory mount (no subPath), so a rotated Secret reaches the pod and the
+        # scheduler re-reads the file without a restart.
+        - name: api-tokens
+          mountPath: {{ include "rlfleet.apiTokensDir" $root }}
+          readOnly: true
         {{- end }}
         {{- with $c.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
@@ -393,6 +418,14 @@ spec:
     {{- if eq $name "weightsync" }}
     - name: spool
       {{- include "rlfleet.dataVolume" (dict "root" $root "name" "weightsync-spool" "p" $c.spool.persistence) | nindent 6 }}
+    {{- end }}
+    {{- if and (eq $name "scheduler") $root.Values.scheduler.api.tokensSecret }}
+    - name: api-tokens
+      secret:
+        secretName: {{ $root.Values.scheduler.api.tokensSecret }}
+        items:
+          - key: {{ $root.Values.scheduler.api.tokensSecretKey }}
+            path: {{ $root.Values.scheduler.api.tokensSecretKey }}
     {{- end }}
     {{- with $c.extraVolumes }}
     {{- toYaml . | nindent 4 }}

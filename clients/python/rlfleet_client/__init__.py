@@ -6,8 +6,11 @@ from rlfleet_client.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PayloadTooLarge,
+    ServerError,
     TooManyRequests,
     Unauthorized,
+    Unreachable,
     ValidationFailed,
 )
 from rlfleet_client.models import Checkpoint, Event, Job, JobPage, StepRecord
@@ -21,9 +24,12 @@ __all__ = [
     "Job",
     "JobPage",
     "NotFound",
+    "PayloadTooLarge",
     "RlfleetClient",
+    "ServerError",
     "StepRecord",
     "TooManyRequests",
     "Unauthorized",
+    "Unreachable",
     "ValidationFailed",
 ]

@@ -1,7 +1,10 @@
 """The SDK: a thin, typed layer over the REST API.
 
-Reads (GET) are retried on connection errors and 5xx with backoff; writes are
-not, except submit with an idempotency key, which the server deduplicates.
+Reads (GET) are retried on connection errors, 429 and 5xx with backoff; writes
+are not, except submit, which always sends an idempotency key that the server
+deduplicates. ``events`` follows a job over server-sent events and reconnects
+(resuming after the last step it saw) when the stream drops, e.g. while the
+scheduler restarts.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from rlfleet_client.errors import ApiError, error_for
+from rlfleet_client.errors import ApiError, Unreachable, error_for
 from rlfleet_client.models import Checkpoint, Event, Job, JobPage, StepRecord
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -49,7 +52,7 @@ class RlfleetClient:
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, verify=verify
         )
-        self._retries = retries
+        self._retries = max(1, retries)
 
     def close(self) -> None:
         self._http.close()
@@ -66,25 +69,35 @@ class RlfleetClient:
     def _check(resp: httpx.Response) -> Any:
         if resp.is_success:
             return resp.json() if resp.content else None
+        errors: list[dict[str, Any]] = []
         try:
-            detail = resp.json().get("detail", resp.text)
+            body = resp.json()
+            detail = body.get("detail", resp.text)
+            errors = [e for e in body.get("errors", []) if isinstance(e, dict)]
         except (ValueError, AttributeError):
-            detail = resp.text
+            detail = resp.text or resp.reason_phrase
         if not isinstance(detail, str):
             detail = json.dumps(detail)
-        raise error_for(resp.status_code, detail)
+        raise error_for(resp.status_code, detail, errors)
+
+    def _unreachable(self, exc: httpx.TransportError) -> Unreachable:
+        reason = str(exc) or type(exc).__name__
+        return Unreachable(0, f"cannot reach the rlfleet API at {self.base_url}: {reason}")
 
     def _request(self, method: str, path: str, *, retry: bool, **kwargs) -> Any:
-        if not retry:
-            return self._check(self._http.request(method, path, **kwargs))
-        for attempt in Retrying(
-            retry=retry_if_exception(_retryable),
-            stop=stop_after_attempt(self._retries),
-            wait=wait_exponential_jitter(initial=0.2, max=3.0),
-            reraise=True,
-        ):
-            with attempt:
+        try:
+            if not retry:
                 return self._check(self._http.request(method, path, **kwargs))
+            for attempt in Retrying(
+                retry=retry_if_exception(_retryable),
+                stop=stop_after_attempt(self._retries),
+                wait=wait_random_exponential(multiplier=0.2, max=3.0),
+                reraise=True,
+            ):
+                with attempt:
+                    return self._check(self._http.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
         raise AssertionError("unreachable")
 
     # -- jobs ---------------------------------------------------------------------
@@ -133,11 +146,21 @@ class RlfleetClient:
     def cancel(self, job_id: str) -> Job:
         return Job.model_validate(self._request("POST", f"/v1/jobs/{job_id}:cancel", retry=False))
 
-    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[Event]:
-        """Server-sent events of a job: a "state" event, a "step" event per step,
-        and "end" once the job is finished."""
+    def ready(self) -> bool:
+        """Whether the scheduler is ready (/readyz: Redis reachable, job worker running)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    # -- following ----------------------------------------------------------------
+
+    def _events_once(self, job_id: str, *, since_step: int, read_timeout: float) -> Iterator[Event]:
         with self._http.stream(
-            "GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(timeout, connect=10.0)
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            params={"since_step": since_step},
+            timeout=httpx.Timeout(read_timeout, connect=10.0),
         ) as resp:
             if not resp.is_success:
                 resp.read()
@@ -150,9 +173,51 @@ class RlfleetClient:
                     data.append(line[5:].strip())
                 elif not line and data:
                     yield Event(event=event, data=json.loads("\n".join(data)))
-                    if event == "end":
-                        return
                     event, data = "message", []
+
+    def events(
+        self,
+        job_id: str,
+        *,
+        since_step: int = 0,
+        reconnect_for: float = 60.0,
+        read_timeout: float = 60.0,
+    ) -> Iterator[Event]:
+        """Server-sent events of a job: a "state" event, a "step" event per step
+        (from ``since_step``), "state" on every change and "end" once the job is finished.
+
+        If the stream drops before "end" (a scheduler restart, a network blip) it
+        reconnects, resuming after the last step seen, for up to ``reconnect_for``
+        seconds of failed attempts; then (or at once with 0) it raises Unreachable.
+        The server sends a keep-alive every 15 s, so ``read_timeout`` detects a dead link.
+        """
+        next_step = since_step
+        down_since: float | None = None
+        delay = 0.2
+        while True:
+            try:
+                for ev in self._events_once(
+                    job_id, since_step=next_step, read_timeout=read_timeout
+                ):
+                    down_since, delay = None, 0.2
+                    if ev.event == "step":
+                        next_step = int(ev.data["step"]) + 1
+                    yield ev
+                    if ev.event == "end":
+                        return
+                reason = "the event stream closed before the job ended"
+            except httpx.TransportError as exc:
+                reason = str(self._unreachable(exc))
+            except ApiError as exc:
+                if exc.status_code < 500:
+                    raise
+                reason = exc.message
+            now = time.monotonic()
+            down_since = down_since if down_since is not None else now
+            if now - down_since >= reconnect_for:
+                raise Unreachable(0, f"lost the event stream of job {job_id}: {reason}")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def wait(self, job_id: str, *, timeout: float = 3600.0, poll_s: float = 1.0) -> Job:
         """Polls until the job is finished (or ``timeout`` passes)."""

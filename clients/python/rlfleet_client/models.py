@@ -1,4 +1,5 @@
-"""Response models of the REST API (the server's OpenAPI schema is the reference)."""
+"""Response models of the REST API (the server's OpenAPI schema at /openapi.json is
+the reference; these mirror rlfleet.scheduler.api.models)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 class Job(BaseModel):
     id: str
+    name: str = ""
     state: JobState
     reason: str = ""
     current_step: int = 0
@@ -40,12 +42,24 @@ class StepRecord(BaseModel):
 
 class Checkpoint(BaseModel):
     step: int
+    version: int = 0
     path: str
     created_at: float = 0.0
 
 
 class Event(BaseModel):
-    """One server-sent event of a job's progress stream: "step", "state" or "end"."""
+    """One server-sent event of a job's progress stream: "state", "step" or "end".
+
+    ``data`` is a Job for "state" and "end", a StepRecord for "step" (see ``job``/``step``).
+    """
 
     event: str
     data: dict[str, Any]
+
+    @property
+    def job(self) -> Job:
+        return Job.model_validate(self.data)
+
+    @property
+    def step(self) -> StepRecord:
+        return StepRecord.model_validate(self.data)

@@ -13,10 +13,10 @@ import tomllib
 from pathlib import Path
 
 from rich.console import Console
+from rlfleet_client import RlfleetClient
 
 from rlfleet.cli.fleet import Fleet, FleetOptions
 from rlfleet.cli.follow import follow_job, steps_table
-from rlfleet.cli.scheduler_client import SchedulerClient
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEMO_SPEC = REPO_ROOT / "examples" / "demo_arithmetic.toml"
@@ -60,11 +60,11 @@ def run_demo(
 
     fleet.start(on_started=started)
     try:
-        client = SchedulerClient(fleet.scheduler_address)
+        client = RlfleetClient(fleet.url)
         spec = demo_spec(model_path, steps=steps, engine=engine)
         job = client.submit(spec)
         console.print(
-            f"[bold]3/3[/] GRPO job {job.job_id}: {spec['steps']} steps on {spec['task']['name']}"
+            f"[bold]3/3[/] GRPO job {job.id}: {spec['steps']} steps on {spec['task']['name']}"
         )
 
         def check_alive():
@@ -72,7 +72,7 @@ def run_demo(
             if dead:
                 raise SystemExit(f"error: {', '.join(dead)} exited; see {run_dir}/<service>.log")
 
-        job, records = follow_job(client, job.job_id, console=console, check_alive=check_alive)
+        job, records = follow_job(client, job.id, console=console, check_alive=check_alive)
         client.close()
     finally:
         fleet.stop()
@@ -84,7 +84,7 @@ def run_demo(
         "reward_last5": round(mean(rewards[-5:]), 4),
         "wall_s": round(time.monotonic() - t0, 1),
         "state": job.state,
-        "job_id": job.job_id,
+        "job_id": job.id,
     }
     verdict = (
         "learned" if result["reward_last5"] - result["reward_first5"] >= 0.2 else "did not gain 0.2"

@@ -1,6 +1,8 @@
 """The `rlfleet` command: run the local fleet, the demo, and manage jobs.
 
-Imports stay light here (no torch): each subcommand imports what it needs.
+Job commands talk to the scheduler's REST API through the Python SDK
+(rlfleet_client). Imports stay light here (no torch): each subcommand imports
+what it needs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.table import Table
 from rlfleet.cli.fleet import default_run_dir
 
 SERVICES = ("scheduler", "rollout", "reward", "trainer", "weightsync")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir", type=Path, default=None, help="where the local fleet keeps logs and state"
     )
-    p.add_argument("--scheduler", default=None, help="scheduler gRPC address HOST:PORT")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="scheduler REST API (default: $RLFLEET_URL, else the fleet that `rlfleet up` started)",
+    )
+    p.add_argument("--token", default=None, help="API token (default: $RLFLEET_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
@@ -37,6 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--rollout-replicas", type=int, default=2)
     up.add_argument("--engine", default="torch", help="rollout engine: torch")
     up.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
+    up.add_argument(
+        "--http-port", type=int, default=8080, help="REST API port (0: a free one; default 8080)"
+    )
+    up.add_argument(
+        "--auth",
+        choices=("local", "token"),
+        default="local",
+        help="REST API auth: local = none (default), token = bearer API tokens",
+    )
+    up.add_argument("--api-tokens-file", default="", help="token hashes (with --auth token)")
+    up.add_argument(
+        "--restart-limit",
+        type=int,
+        default=3,
+        help="times a service that exits is restarted (same ports) before the fleet stops",
+    )
 
     demo = sub.add_parser("demo", help="run a GRPO job on a tiny model through a local fleet")
     demo.add_argument("--steps", type=int, default=None, help="override the example's step count")
@@ -49,14 +72,20 @@ def _parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="submit a job spec (TOML or JSON)")
     submit.add_argument("spec", type=Path)
-    submit.add_argument("--idempotency-key", default="")
+    submit.add_argument("--model", default=None, help="override model.path")
+    submit.add_argument("--steps", type=int, default=None, help="override steps")
+    submit.add_argument(
+        "--idempotency-key", default="", help="a retried submit with this key returns the same job"
+    )
     submit.add_argument("--follow", "-f", action="store_true", help="follow the job's progress")
 
-    jobs = sub.add_parser("jobs", help="list jobs")
-    jobs.add_argument("--state", default="", help="queued, running, succeeded, failed or cancelled")
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", default="", choices=("", *JOB_STATES), help="only this state")
+    jobs.add_argument("--limit", type=int, default=50, help="at most this many")
 
     status = sub.add_parser("status", help="show one job")
     status.add_argument("job_id")
+    status.add_argument("--json", action="store_true", help="the whole job as JSON")
 
     logs = sub.add_parser("logs", help="print a job's step history")
     logs.add_argument("job_id")
@@ -67,23 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
 
+    ckpts = sub.add_parser("checkpoints", help="list a job's Hugging Face checkpoints")
+    ckpts.add_argument("job_id")
+
+    token = sub.add_parser("token", help="make API tokens (for a scheduler with --auth token)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="print a new token and the hash to store")
+    create.add_argument("--role", choices=("read", "write"), default="write")
+    create.add_argument("--label", default="", help="a name for the token (in the tokens file)")
+    hash_ = token_sub.add_parser("hash", help="print the sha256 hash of a token")
+    hash_.add_argument("token", nargs="?", default=None, help="the token (default: stdin)")
+
     for name in SERVICES:
         sub.add_parser(
             name, help=f"run the {name} service (its flags: rlfleet {name} --help)", add_help=False
         )
     return p
-
-
-def _load_spec(path: Path) -> dict:
-    if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist")
-    text = path.read_text()
-    try:
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise SystemExit(
-            f"error: {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}"
-        ) from None
 
 
 def _cmd_up(args, console: Console, run_dir: Path) -> None:
@@ -95,6 +123,9 @@ def _cmd_up(args, console: Console, run_dir: Path) -> None:
             rollout_replicas=args.rollout_replicas,
             engine=args.engine,
             redis_url=args.redis_url,
+            http_port=args.http_port,
+            auth=args.auth,
+            api_tokens_file=args.api_tokens_file,
         )
     )
     table = Table(title=f"rlfleet up — logs in {run_dir}")
@@ -116,37 +147,51 @@ def _cmd_up(args, console: Console, run_dir: Path) -> None:
         nonlocal stop
         stop = True
 
+    fleet_file = run_dir / "fleet.json"
+
+    def write_fleet_file() -> None:
+        tmp = fleet_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
+        tmp.replace(fleet_file)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    fleet.start(on_started=started)
     try:
-        (run_dir / "fleet.json").write_text(
-            json.dumps(
-                {
-                    "scheduler": fleet.scheduler_address,
-                    "redis_url": fleet.redis_url,
-                    "services": {n: p.address for n, p in fleet.procs.items()},
-                    "pids": {n: p.pid for n, p in fleet.procs.items()},
-                }
-            )
-            + "\n"
-        )
+        fleet.start(on_started=started)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        write_fleet_file()
         console.print(table)
+        console.print(f"REST API: {fleet.url}  (docs: {fleet.url}/docs; auth: {args.auth})")
         console.print(
-            f"scheduler at {fleet.scheduler_address}; submit with `rlfleet submit examples/demo_arithmetic.toml`"
+            "submit a job: `rlfleet submit examples/basic_arithmetic.toml --model DIR -f`, "
+            f"or POST it to {fleet.url}/v1/jobs"
         )
         console.print("Ctrl-C stops every service.")
         while not stop:
-            dead = fleet.dead()
-            if dead:
+            for name in fleet.dead():
+                code = fleet.exit_code(name)
+                if name == "redis" or fleet.restarts.get(name, 0) >= args.restart_limit:
+                    console.print(
+                        f"[red]{name} exited (code {code}); stopping the fleet (see {run_dir})[/]"
+                    )
+                    sys.exit(1)
                 console.print(
-                    f"[red]{', '.join(dead)} exited; stopping the fleet (see {run_dir})[/]"
+                    f"[yellow]{name} exited (code {code}); restarting it on the same ports "
+                    f"({fleet.restarts.get(name, 0) + 1}/{args.restart_limit})[/]"
                 )
-                sys.exit(1)
+                try:
+                    fleet.restart(name)
+                except RuntimeError as exc:
+                    console.print(f"[red]could not restart {name}: {exc}[/]")
+                    sys.exit(1)
+                write_fleet_file()
+                console.print(f"{name} is back (pid {fleet.procs[name].pid})")
             time.sleep(0.5)
     finally:
         fleet.stop()
-        (run_dir / "fleet.json").unlink(missing_ok=True)
+        fleet_file.unlink(missing_ok=True)
         console.print("fleet stopped")
 
 
@@ -178,46 +223,21 @@ def main(argv: list[str] | None = None) -> None:
             console=console,
         )
         return
+    if args.command == "token":
+        from rlfleet.cli.tokens import cmd_token
 
-    from rlfleet.cli.follow import follow_job, steps_table
-    from rlfleet.cli.scheduler_client import SchedulerClient, job_to_dict, resolve_scheduler_address
-    from rlfleet.common.errors import RlfleetError
+        cmd_token(args)
+        return
 
-    client = SchedulerClient(resolve_scheduler_address(args.scheduler, run_dir))
+    from rlfleet.cli.api import api_errors, make_client
+    from rlfleet.cli.jobs import COMMANDS
+
+    client = make_client(args.url, args.token, run_dir)
     try:
-        if args.command == "submit":
-            job = client.submit(_load_spec(args.spec), idempotency_key=args.idempotency_key)
-            console.print(f"submitted job {job.job_id} ({job.state})")
-            if args.follow:
-                job, records = follow_job(client, job.job_id, console=console)
-                console.print(steps_table(records))
-        elif args.command == "jobs":
-            table = Table()
-            for col in ("id", "state", "step", "version", "name"):
-                table.add_column(col)
-            for job in client.list(state=args.state):
-                name = json.loads(job.spec_json or "{}").get("name", "")
-                table.add_row(
-                    job.job_id,
-                    job.state,
-                    f"{job.current_step}/{job.total_steps}",
-                    str(job.policy_version),
-                    name,
-                )
-            console.print(table)
-        elif args.command == "status":
-            console.print_json(json.dumps(job_to_dict(client.get(args.job_id))))
-        elif args.command == "logs":
-            if args.follow:
-                _job, records = follow_job(client, args.job_id, console=console)
-            else:
-                records = client.steps(args.job_id)
-            console.print(steps_table(records, max_rows=10_000))
-        elif args.command == "cancel":
-            job = client.cancel(args.job_id)
-            console.print(f"job {job.job_id}: {job.state}")
-    except RlfleetError as exc:
-        raise SystemExit(f"error: {exc.message}") from None
+        with api_errors(client):
+            COMMANDS[args.command](client, args, console)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
     finally:
         client.close()
 

@@ -36,6 +36,20 @@ class AlreadyExists(RlfleetError):
     http_status = 409
 
 
+class Unauthenticated(RlfleetError):
+    """No or an unknown credential (REST: 401 with WWW-Authenticate)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class PermissionDenied(RlfleetError):
+    """A known credential whose role may not do this."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class FailedPrecondition(RlfleetError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 409
@@ -71,6 +85,8 @@ _BY_CODE = {
         InvalidArgument,
         NotFound,
         AlreadyExists,
+        Unauthenticated,
+        PermissionDenied,
         FailedPrecondition,
         ResourceExhausted,
         Unavailable,

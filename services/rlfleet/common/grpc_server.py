@@ -22,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from rlfleet.common.config import ServiceConfig
-from rlfleet.common.errors import RlfleetError
+from rlfleet.common.errors import InvalidArgument, RlfleetError
 from rlfleet.common.metrics import RPC_ERRORS, RPC_LATENCY, start_metrics_server
+from rlfleet.common.security import server_credentials, tls_of
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,36 @@ def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, describe_validation_error(exc)
     logger.exception("unhandled error in %s", method)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log"
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse (grpc would answer INTERNAL)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _tolerant(deserializer):
+    """A request deserializer that returns ``_Malformed`` instead of raising, so a
+    malformed request becomes INVALID_ARGUMENT rather than grpc's own INTERNAL."""
+    if deserializer is None:
+        return None
+
+    def load(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and whatever else parsing raises
+            return _Malformed(f"the request is not a valid protobuf message ({type(exc).__name__})")
+
+    return load
+
+
+def _checked(requests: Iterator) -> Iterator:
+    """A request stream that raises InvalidArgument at the first malformed message."""
+    for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidArgument(request.message)
+        yield request
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -70,6 +101,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context):
                 start = time.perf_counter()
                 try:
+                    request = _valid(request)
                     response = behavior(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped, never leaked
                     if _aborted(context):
@@ -86,6 +118,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def wrapped(request, context) -> Iterator:
                 start = time.perf_counter()
                 try:
+                    request = _valid(request)
                     yield from behavior(request, context)
                 except Exception as exc:  # noqa: BLE001
                     if _aborted(context):
@@ -97,25 +130,33 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return wrapped
 
+        def _valid(request):
+            if handler.request_streaming:
+                return _checked(request)
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(request.message)
+            return request
+
         wrap = streaming if handler.response_streaming else unary
+        load = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                wrap(handler.unary_unary), load, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 wrap(handler.unary_stream),
-                handler.request_deserializer,
+                load,
                 handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 wrap(handler.stream_unary),
-                handler.request_deserializer,
+                load,
                 handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+            wrap(handler.stream_stream), load, handler.response_serializer
         )
 
 
@@ -147,8 +188,12 @@ def start_server(
     service_names: list[str],
     max_workers: int = 32,
     metrics: bool = True,
+    ready_info: dict | None = None,
 ) -> RunningServer:
-    """Starts a gRPC server with health checking; ``register`` adds the servicers."""
+    """Starts a gRPC server with health checking; ``register`` adds the servicers.
+
+    ``ready_info`` adds entries to the ready file (e.g. the scheduler's ``http_port``).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorInterceptor(config.service_name)],
@@ -157,7 +202,12 @@ def start_server(
     register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    credentials = server_credentials(tls_of(config))
+    address = f"{config.host}:{config.port}"
+    if credentials is None:  # the default: plaintext, meant for loopback
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
     server.start()
@@ -165,11 +215,15 @@ def start_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = start_metrics_server(config.metrics_port, host=config.host) if metrics else 0
     running = RunningServer(server, port, metrics_port, health_servicer)
-    logger.info("serving", extra={"port": port, "metrics_port": metrics_port})
+    logger.info(
+        "serving",
+        extra={"port": port, "metrics_port": metrics_port, "tls": credentials is not None},
+    )
     if config.ready_file:
         tmp = config.ready_file + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}, fh)
+            info = {"port": port, "metrics_port": metrics_port, "pid": os.getpid()}
+            json.dump({**(ready_info or {}), **info}, fh)
         os.replace(tmp, config.ready_file)  # atomic: the launcher never reads half a file
     return running
 

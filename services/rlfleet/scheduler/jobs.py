@@ -7,8 +7,9 @@ says which moves are legal; the store calls it inside its Redis transaction.
 from __future__ import annotations
 
 import enum
+import math
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 
@@ -54,6 +55,11 @@ def check_transition(job_id: str, old: JobState, new: JobState) -> None:
         raise FailedPrecondition(f"job {job_id} cannot go from {old.value} to {new.value}")
 
 
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Drops NaN/inf figures: JSON (Redis records, REST bodies) has no way to carry them."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
 class Job(BaseModel):
     """What the scheduler keeps per job (hash ``rlfleet:jobs``, one JSON value per id)."""
 
@@ -74,6 +80,8 @@ class Job(BaseModel):
     """Submission order: the FIFO queue and list pagination sort by it."""
     idempotency_key: str = ""
 
+    _finite_summary = field_validator("summary")(finite_metrics)
+
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
@@ -85,6 +93,8 @@ class StepRecord(BaseModel):
     step: int
     metrics: dict[str, float] = Field(default_factory=dict)
     finished_at: float
+
+    _finite_metrics = field_validator("metrics")(finite_metrics)
 
 
 class Interrupted(Exception):  # noqa: N818 - a signal, not an error

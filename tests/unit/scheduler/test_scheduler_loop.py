@@ -243,7 +243,7 @@ def test_spread_keeps_groups_whole_and_balanced():
 
 def test_pluggable_factories():
     assert StaticDiscovery(["a:1", " b:2", "a:1", ""]).addresses() == ["a:1", "b:2"]
-    with pytest.raises(ValueError, match="not implemented yet"):
+    with pytest.raises(ValueError, match="label selector"):
         setup_discovery("kubernetes")
     with pytest.raises(ValueError, match="unknown replica discovery"):
         setup_discovery("consul")
