@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint proto bench clean-venv
+.PHONY: demo test lint proto bench chaos clean-venv
 
 $(VENV_STAMP): pyproject.toml clients/python/pyproject.toml scripts/install.sh
 	@scripts/install.sh
@@ -31,3 +31,8 @@ proto: $(VENV_STAMP)
 
 clean-venv:
 	rm -rf .venv
+
+# The long chaos run: kill -9 every service type RLFLEET_CHAOS_ROUNDS times (3 by
+# default) during a job and print the kills and the final accounting.
+chaos: $(VENV_STAMP)
+	RLFLEET_CHAOS_ROUNDS=$${RLFLEET_CHAOS_ROUNDS:-3} $(PY) -m pytest tests/chaos -s -p no:cacheprovider

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 T = TypeVar("T", bound="ServiceConfig")
@@ -58,6 +58,40 @@ class ServiceConfig(BaseSettings):
     """If set, the process writes its bound ports here as JSON once it serves (the launcher reads it)."""
     max_message_mb: int = Field(default=256, ge=1, le=2048)
     """Largest gRPC message accepted or sent, in MiB."""
+    redis_password: SecretStr = SecretStr("")
+    """Redis password (added to redis_url's connections); prefer redis_password_file."""
+    redis_password_file: str = ""
+    """File holding the Redis password (e.g. a mounted Kubernetes Secret); wins over
+    redis_password."""
+    tls_cert_file: str = ""
+    """PEM certificate of this service's gRPC server; with tls_key_file it serves TLS only."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    tls_ca_file: str = ""
+    """PEM CA bundle; when set, this process's gRPC clients use TLS and verify servers with it."""
+    tls_client_auth: bool = False
+    """Mutual TLS: the server requires client certificates signed by tls_ca_file, and clients
+    present tls_cert_file."""
+    tls_server_name: str = ""
+    """Name clients expect in server certificates instead of the address's host."""
+
+    def __repr_args__(self):
+        from rlfleet.common.security import redact_url
+
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value
+
+    @model_validator(mode="after")
+    def _security(self) -> ServiceConfig:
+        from rlfleet.common.security import resolve_secret, tls_of, with_redis_password
+
+        tls_of(self).check()
+        password = resolve_secret(
+            self.redis_password, self.redis_password_file, name="redis_password"
+        )
+        if password:
+            self.redis_url = with_redis_password(self.redis_url, password)
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -102,7 +136,7 @@ def load_config(cls: type[T], argv: list[str] | None = None) -> T:
             raise SystemExit(f"error: config file {path} is not valid TOML: {exc}") from None
     cls._toml_data = toml_data
     try:
-        return cls(**args)
+        cfg = cls(**args)
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise SystemExit(
@@ -110,3 +144,7 @@ def load_config(cls: type[T], argv: list[str] | None = None) -> T:
         ) from None
     finally:
         cls._toml_data = {}
+    from rlfleet.common.security import set_client_tls, tls_of
+
+    set_client_tls(tls_of(cfg))  # every make_channel of this process dials this way
+    return cfg

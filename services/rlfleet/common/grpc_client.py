@@ -23,6 +23,7 @@ from tenacity import (
 
 from rlfleet.common.errors import Unavailable, from_rpc_error
 from rlfleet.common.grpc_server import message_options
+from rlfleet.common.security import TlsFiles, channel_credentials, channel_options, client_tls
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,17 @@ RETRYABLE = frozenset(
 R = TypeVar("R")
 
 
-def make_channel(address: str, *, max_message_mb: int = 256) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=message_options(max_message_mb))
+def make_channel(
+    address: str, *, max_message_mb: int = 256, tls: TlsFiles | None = None
+) -> grpc.Channel:
+    """A channel to ``address``: TLS when ``tls`` (default: this process's client TLS,
+    see ``security.set_client_tls``) names a CA, else plaintext."""
+    tls = client_tls() if tls is None else tls
+    options = message_options(max_message_mb) + channel_options(tls)
+    credentials = channel_credentials(tls)
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -76,10 +86,12 @@ def call(
     raise AssertionError("unreachable")
 
 
-def wait_healthy(address: str, *, timeout: float = 60.0, service: str = "") -> None:
+def wait_healthy(
+    address: str, *, timeout: float = 60.0, service: str = "", tls: TlsFiles | None = None
+) -> None:
     """Polls the standard health service until it reports SERVING."""
     end = time.monotonic() + timeout
-    with make_channel(address) as channel:
+    with make_channel(address, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-VERIFIERS = ("reasoning_gym", "math", "exact", "regex")
+VERIFIERS = ("reasoning_gym", "math", "exact", "regex", "code")
 
 
 class _Spec(BaseModel):
@@ -74,8 +74,9 @@ class TaskSpec(_Spec):
 
 
 class RewardSpec(_Spec):
-    verifier: Literal["reasoning_gym", "math", "exact", "regex"] = "reasoning_gym"
-    """reasoning_gym: the task's own scorer; math: math-verify; exact / regex: string match."""
+    verifier: Literal["reasoning_gym", "math", "exact", "regex", "code"] = "reasoning_gym"
+    """reasoning_gym: the task's own scorer; math: math-verify; exact / regex: string match;
+    code: run the completion's program against the entry's tests in a sandbox."""
     pattern: str = ""
     """For regex: a pattern that a correct completion matches (fullmatch after strip)."""
 

@@ -86,15 +86,20 @@ def start_service(
     run_dir: Path,
     env: dict[str, str] | None = None,
     ready_timeout: float = 120.0,
+    python: str | None = None,
 ) -> Proc:
-    """Starts ``python -m module args`` and waits for its ready file (bound ports)."""
+    """Starts ``python -m module args`` and waits for its ready file (bound ports).
+
+    ``python`` is the interpreter to run it with (default: this one); the vLLM
+    rollout engine, for one, may live in a venv of its own.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     ready = run_dir / f"{name}.ready.json"
     ready.unlink(missing_ok=True)
     log_path = run_dir / f"{name}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
     popen = subprocess.Popen(
-        [sys.executable, "-m", module, *args, "--ready-file", str(ready)],
+        [python or sys.executable, "-m", module, *args, "--ready-file", str(ready)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

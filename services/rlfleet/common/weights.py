@@ -4,21 +4,41 @@ The trainer encodes its state dict once, streams it to weight-sync in chunks,
 and the last chunk carries the sha256 of the whole payload. Whoever assembles a
 stream (weight-sync on push, a rollout replica on pull) verifies the checksum
 before anything uses the weights, so a torn or corrupted version is refused.
+
+Two ways to handle chunks, one wire format. ``iter_chunks`` / ``assemble`` work
+on ``WeightChunk`` messages, as the generated stubs do. Moving gigabytes that
+way copies every byte several times in Python (slice, message, serialisation
+on one side; parse, field access, join on the other), and on a CPU-bound host
+those copies, not the socket, set the rate (bench/weightsync.py). The *frame*
+functions move the same messages already serialised: ``encode_frames`` writes
+each chunk's bytes straight from the payload into its frame (one copy),
+``split_frame`` finds the data inside a received frame without copying it, and
+``assemble_frames`` hashes the data as it arrives and joins it once.
+``push_frames`` / ``pull_version`` call the service with pass-through
+serialisers, so either side can use frames while the other uses messages.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from rlfleet.common.errors import DataLoss, InvalidArgument
-from rlfleet.v1 import weightsync_pb2
+from rlfleet.v1 import common_pb2, weightsync_pb2
 
 if TYPE_CHECKING:
+    import grpc
     import torch
 
 CHUNK_BYTES = 4 * 1024 * 1024
+PUSH_METHOD = "/rlfleet.v1.WeightSyncService/PushVersion"
+PULL_METHOD = "/rlfleet.v1.WeightSyncService/PullVersion"
+_DATA_FIELD = 4  # WeightChunk.data
+_DATA_TAG = bytes([(_DATA_FIELD << 3) | 2])  # field 4, wire type 2 (length-delimited)
 
 
 def encode_state_dict(state: dict[str, torch.Tensor]) -> bytes:
@@ -38,6 +58,25 @@ def sha256_hex(payload: bytes | memoryview) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def _chunk_header(
+    *, job_id: str, version: int, offset: int, last: bool, sha256: str, total: int
+) -> weightsync_pb2.WeightChunk:
+    return weightsync_pb2.WeightChunk(
+        job_id=job_id,
+        version=version,
+        offset=offset,
+        last=last,
+        sha256=sha256 if last else "",
+        total_bytes=total if last else 0,
+    )
+
+
+def _offsets(total: int, chunk_bytes: int) -> range:
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be at least 1")
+    return range(0, max(total, 1), chunk_bytes)
+
+
 def iter_chunks(
     payload: bytes,
     *,
@@ -50,18 +89,191 @@ def iter_chunks(
     digest = sha256 or sha256_hex(payload)
     view = memoryview(payload)
     total = len(payload)
-    offsets = range(0, max(total, 1), chunk_bytes)
+    offsets = _offsets(total, chunk_bytes)
     for i, offset in enumerate(offsets):
-        last = i == len(offsets) - 1
-        yield weightsync_pb2.WeightChunk(
+        chunk = _chunk_header(
             job_id=job_id,
             version=version,
             offset=offset,
-            data=bytes(view[offset : offset + chunk_bytes]),
-            last=last,
-            sha256=digest if last else "",
-            total_bytes=total if last else 0,
+            last=i == len(offsets) - 1,
+            sha256=digest,
+            total=total,
         )
+        chunk.data = bytes(view[offset : offset + chunk_bytes])
+        yield chunk
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_frames(
+    payload: bytes | memoryview,
+    *,
+    job_id: str,
+    version: int,
+    sha256: str | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """The chunks of ``iter_chunks``, serialised: each frame is one WeightChunk on the wire.
+
+    The data field is written after the other fields (protobuf readers accept
+    fields in any order), straight from ``payload``: one copy per chunk.
+    """
+    digest = sha256 or sha256_hex(payload)
+    view = memoryview(payload).cast("B")
+    total = len(view)
+    offsets = _offsets(total, chunk_bytes)
+    for i, offset in enumerate(offsets):
+        data = view[offset : offset + chunk_bytes]
+        head = _chunk_header(
+            job_id=job_id,
+            version=version,
+            offset=offset,
+            last=i == len(offsets) - 1,
+            sha256=digest,
+            total=total,
+        ).SerializeToString()
+        yield b"".join((head, _DATA_TAG, _varint(len(data)), data))
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def split_frame(frame: bytes | memoryview) -> tuple[weightsync_pb2.WeightChunk, memoryview]:
+    """A serialised WeightChunk as (its fields but data, a view of its data) — data not copied.
+
+    Walks the top-level fields of the message; the data field is cut out (the
+    last one wins, as in any protobuf reader) and the rest, a few dozen bytes,
+    is parsed as a WeightChunk. Raises InvalidArgument for a malformed frame.
+    """
+    buf = memoryview(frame).cast("B")
+    rest: list[memoryview] = []
+    data = buf[0:0]
+    pos = start = 0
+    try:
+        while pos < len(buf):
+            field_start = pos
+            key, pos = _read_varint(buf, pos)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _read_varint(buf, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _read_varint(buf, pos)
+                if field == _DATA_FIELD:
+                    rest.append(buf[start:field_start])
+                    data = buf[pos : pos + length]
+                    start = pos + length
+                pos += length
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+            if pos > len(buf):
+                raise ValueError("field runs past the end of the frame")
+        rest.append(buf[start:])
+        header = weightsync_pb2.WeightChunk.FromString(b"".join(rest))
+    except (ValueError, IndexError, DecodeError) as exc:
+        raise InvalidArgument(f"a weight chunk is not a valid WeightChunk message: {exc}") from None
+    return header, data
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """A verified version: its frames as they came and views of their data, in order."""
+
+    job_id: str
+    version: int
+    sha256: str
+    frames: tuple[bytes, ...]
+    views: tuple[memoryview, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(v) for v in self.views)
+
+    def payload(self) -> bytes:
+        """The joined payload (one copy)."""
+        return b"".join(self.views)
+
+    def chunk_sizes_fit(self, chunk_bytes: int) -> bool:
+        """True when every chunk but the last holds exactly ``chunk_bytes``, the last at most."""
+        sizes = [len(v) for v in self.views]
+        return all(n == chunk_bytes for n in sizes[:-1]) and (not sizes or sizes[-1] <= chunk_bytes)
+
+
+def assemble_pieces(
+    pieces: Iterable[tuple[weightsync_pb2.WeightChunk, memoryview, bytes]],
+) -> Assembled:
+    """Checks a stream of (fields, data, frame) and hashes the data as it arrives.
+
+    Raises InvalidArgument for a malformed stream and DataLoss for a torn one or
+    a checksum mismatch.
+    """
+    hasher = hashlib.sha256()
+    frames: list[bytes] = []
+    views: list[memoryview] = []
+    received = 0
+    job_id, version, digest, total = "", -1, "", -1
+    for chunk, data, frame in pieces:
+        if version == -1:
+            job_id, version = chunk.job_id, chunk.version
+        elif (chunk.job_id, chunk.version) != (job_id, version):
+            raise InvalidArgument("weight chunks of different versions were mixed in one stream")
+        if chunk.offset != received:
+            raise InvalidArgument(
+                f"weight chunk at offset {chunk.offset} arrived, expected {received}"
+            )
+        hasher.update(data)
+        frames.append(frame)
+        views.append(data)
+        received += len(data)
+        if chunk.last:
+            digest, total = chunk.sha256, chunk.total_bytes
+            break
+    if not digest:
+        raise DataLoss(
+            f"weight stream for version {version} ended before its last chunk (torn transfer)"
+        )
+    if total != received:
+        raise DataLoss(f"version {version}: received {received} bytes, sender announced {total}")
+    actual = hasher.hexdigest()
+    if actual != digest:
+        raise DataLoss(
+            f"version {version}: checksum mismatch (got {actual[:12]}, expected {digest[:12]})"
+        )
+    return Assembled(job_id, version, digest, tuple(frames), tuple(views))
+
+
+def assemble_frames_verified(frames: Iterable[bytes]) -> Assembled:
+    """Checks a stream of serialised chunks; keeps the frames (weight-sync serves them again)."""
+    return assemble_pieces((*split_frame(f), f) for f in frames)
+
+
+def assemble_frames(frames: Iterable[bytes]) -> tuple[str, int, bytes, str]:
+    """``assemble`` over serialised chunks: data hashed as it arrives, joined once."""
+    got = assemble_frames_verified(frames)
+    return got.job_id, got.version, got.payload(), got.sha256
 
 
 def assemble(chunks: Iterable[weightsync_pb2.WeightChunk]) -> tuple[str, int, bytes, str]:
@@ -70,31 +282,43 @@ def assemble(chunks: Iterable[weightsync_pb2.WeightChunk]) -> tuple[str, int, by
     Raises InvalidArgument for a malformed stream and DataLoss when the payload
     does not match its checksum, so nothing half-received is ever used.
     """
-    buf = bytearray()
-    job_id, version, digest, total = "", -1, "", -1
-    for chunk in chunks:
-        if version == -1:
-            job_id, version = chunk.job_id, chunk.version
-        elif (chunk.job_id, chunk.version) != (job_id, version):
-            raise InvalidArgument("weight chunks of different versions were mixed in one stream")
-        if chunk.offset != len(buf):
-            raise InvalidArgument(
-                f"weight chunk at offset {chunk.offset} arrived, expected {len(buf)}"
-            )
-        buf += chunk.data
-        if chunk.last:
-            digest, total = chunk.sha256, chunk.total_bytes
-            break
-    if not digest:
-        raise DataLoss(
-            f"weight stream for version {version} ended before its last chunk (torn transfer)"
-        )
-    if total != len(buf):
-        raise DataLoss(f"version {version}: received {len(buf)} bytes, sender announced {total}")
-    payload = bytes(buf)
-    actual = sha256_hex(payload)
-    if actual != digest:
-        raise DataLoss(
-            f"version {version}: checksum mismatch (got {actual[:12]}, expected {digest[:12]})"
-        )
-    return job_id, version, payload, digest
+
+    def pieces():
+        for chunk in chunks:
+            data = chunk.data  # a copy out of the message: take it once
+            yield chunk, memoryview(data), data
+
+    got = assemble_pieces(pieces())
+    return got.job_id, got.version, got.payload(), got.sha256
+
+
+# ----------------------------------------------------------------------------- calls
+def push_frames(
+    channel: grpc.Channel, frames: Iterable[bytes], *, timeout: float
+) -> common_pb2.PolicyVersion:
+    """``WeightSyncService.PushVersion`` with frames from ``encode_frames`` (no re-serialising)."""
+    method = channel.stream_unary(
+        PUSH_METHOD,
+        request_serializer=None,
+        response_deserializer=common_pb2.PolicyVersion.FromString,
+    )
+    return method(iter(frames), timeout=timeout)
+
+
+def pull_frames(
+    channel: grpc.Channel, request: weightsync_pb2.PullVersionRequest, *, timeout: float
+) -> Iterator[bytes]:
+    """``WeightSyncService.PullVersion`` answered as frames (no parsing of the data)."""
+    method = channel.unary_stream(
+        PULL_METHOD,
+        request_serializer=weightsync_pb2.PullVersionRequest.SerializeToString,
+        response_deserializer=None,
+    )
+    return method(request, timeout=timeout)
+
+
+def pull_version(
+    channel: grpc.Channel, request: weightsync_pb2.PullVersionRequest, *, timeout: float
+) -> tuple[str, int, bytes, str]:
+    """Pulls and verifies a version: ``assemble(stub.PullVersion(...))`` with fewer copies."""
+    return assemble_frames(pull_frames(channel, request, timeout=timeout))

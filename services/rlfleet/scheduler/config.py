@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlfleet.common.config import ServiceConfig
+from rlfleet.scheduler.auth import TOKENS_ENV
 from rlfleet.scheduler.discovery import parse_addresses
 
 
@@ -22,10 +25,16 @@ class SchedulerConfig(ServiceConfig):
         use_attribute_docstrings=True,  # the docstrings below become --help text
     )
 
-    discovery: Literal["static"] = "static"
-    """How rollout replicas are found: static (the rollout_addresses list)."""
+    discovery: Literal["static", "kubernetes"] = "static"
+    """How rollout replicas are found: static (the rollout_addresses list) or kubernetes (Ready pods matching rollout_selector, through the Kubernetes API)."""
     rollout_addresses: str = ""
     """Rollout replicas as comma-separated host:port (discovery = static)."""
+    rollout_namespace: str = ""
+    """Namespace of the rollout pods (discovery = kubernetes); empty: the scheduler pod's own."""
+    rollout_selector: str = ""
+    """Label selector of the rollout pods, e.g. app.kubernetes.io/component=rollout (discovery = kubernetes)."""
+    rollout_port: int = Field(default=50051, ge=1, le=65535)
+    """gRPC port of the rollout pods; each replica is reached at <pod IP>:<port> (discovery = kubernetes)."""
     reward_address: str = ""
     """host:port of the reward service."""
     trainer_address: str = ""
@@ -52,6 +61,16 @@ class SchedulerConfig(ServiceConfig):
     """Samples per Score call."""
     poll_interval_s: float = Field(default=1.0, gt=0)
     """How often the idle worker looks for queued jobs."""
+    http_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the REST API (jobs, events, /healthz, /metrics); 0 picks a free one (ready file: http_port)."""
+    auth: Literal["local", "token"] = "local"
+    """REST API auth: local = none (a fleet on loopback); token = bearer API tokens (deployments)."""
+    api_tokens_file: str = ""
+    """File of API token hashes, `<sha256> [read|write] [label]` per line (auth = token); see also RLFLEET_API_TOKENS."""
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    """Largest REST request body accepted; a bigger one gets 413."""
+    events_poll_s: float = Field(default=0.5, gt=0, le=30)
+    """How often an open event stream (GET /v1/jobs/{id}/events) looks for new steps."""
 
     @model_validator(mode="after")
     def _addresses_given(self) -> SchedulerConfig:
@@ -60,8 +79,17 @@ class SchedulerConfig(ServiceConfig):
         ]
         if self.discovery == "static" and not self.rollout_list:
             missing.append("rollout_addresses")
+        if self.discovery == "kubernetes" and not self.rollout_selector.strip():
+            missing.append("rollout_selector")
         if missing:
             raise ValueError(f"set {', '.join(missing)} (host:port of each service)")
+        if self.api_tokens_file and not Path(self.api_tokens_file).is_file():
+            raise ValueError(f"api_tokens_file {self.api_tokens_file!r} does not exist")
+        if self.auth == "token" and not self.api_tokens_file and not os.environ.get(TOKENS_ENV):
+            raise ValueError(
+                f"auth = token needs API token hashes: set api_tokens_file or {TOKENS_ENV} "
+                "(`rlfleet token create` makes a token and its hash)"
+            )
         return self
 
     @property

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from rlfleet.reward.verifiers.base import EOS_MARKER, Verifier, VerifierConfig, extract_answer
+from rlfleet.reward.verifiers.code import CodeVerifier
 from rlfleet.reward.verifiers.gym import ReasoningGymVerifier
 from rlfleet.reward.verifiers.match import ExactVerifier, RegexVerifier
 from rlfleet.reward.verifiers.mathverify import MathVerifier
 
 VERIFIERS: dict[str, type[Verifier]] = {
-    cls.kind: cls for cls in (ReasoningGymVerifier, MathVerifier, ExactVerifier, RegexVerifier)
+    cls.kind: cls
+    for cls in (ReasoningGymVerifier, MathVerifier, ExactVerifier, RegexVerifier, CodeVerifier)
 }
 
 

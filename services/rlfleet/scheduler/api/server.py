@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -19,8 +20,23 @@ logger = logging.getLogger(__name__)
 
 
 class HttpServer:
-    def __init__(self, app: FastAPI, *, host: str, port: int, graceful_s: float = 3.0):
+    def __init__(
+        self,
+        app: FastAPI,
+        *,
+        host: str,
+        port: int,
+        graceful_s: float = 3.0,
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
+        tls_ca_file: str = "",
+        tls_client_auth: bool = False,
+    ):
+        """``tls_cert_file`` + ``tls_key_file`` serve HTTPS only (the same files as the
+        scheduler's gRPC TLS); ``tls_client_auth`` requires client certificates signed
+        by ``tls_ca_file``."""
         self.app = app
+        self.tls = bool(tls_cert_file and tls_key_file)
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         # A restarted scheduler takes its old port back while old connections linger.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,6 +54,10 @@ class HttpServer:
             access_log=False,
             timeout_graceful_shutdown=graceful_s,
             lifespan="on",
+            ssl_certfile=tls_cert_file or None,
+            ssl_keyfile=tls_key_file or None,
+            ssl_ca_certs=tls_ca_file or None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls_client_auth else ssl.CERT_NONE,
         )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -45,7 +65,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self, *, timeout: float = 30.0) -> HttpServer:
         """Starts serving in a daemon thread; returns once uvicorn accepts requests."""

@@ -1,0 +1,259 @@
+"""Chaos driver and exact accounting for a job on the real local fleet.
+
+``ChaosDriver`` kills -9 each service type in turn (a rollout replica, reward,
+trainer, weight-sync, scheduler) and crashes Redis, restarting each on the
+same port (Redis on the same data directory), while a job runs. It waits for
+the job to finish a new step between two kills, so every kill lands in a job
+that is moving, and sleeps a varying moment first, so kills land in different
+phases of a step (rollout, scoring, training, weight sync). The trainer is
+killed while it holds the step's samples unacknowledged (mid-TrainStep), a
+rollout replica while it generates.
+
+``account`` then reads Redis directly (not through the services it just
+killed) and checks the books: every prompt the job dispatched was written to
+the buffer once and trained in exactly one step, nothing is left pending, and
+the scheduler recorded each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import redis
+from rlfleet.cli.fleet import Fleet
+from rlfleet.common.jobspec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+PASSWORD = "chaos-redis-pw-51c0"
+"""The Redis password of the chaos fleet; no service may write it to its log."""
+
+# A killed rollout replica is the one kill the job carries on through (on the other
+# replica), so it comes last in a round: the job may run ahead while it restarts.
+SERVICE_TYPES = ("reward", "trainer", "weightsync", "scheduler", "redis", "rollout")
+# Steps a job may run while a killed rollout replica restarts (steps take ~0.5 s).
+STEPS_PER_ROLLOUT_RESTART = 30
+
+
+def _retry(fn, *, within_s: float = 30.0):
+    """Calls ``fn`` until Redis answers (it may be restarting)."""
+    end = time.monotonic() + within_s
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
+def read_job(client: redis.Redis, job_id: str) -> dict:
+    raw = _retry(lambda: client.hget("rlfleet:jobs", job_id))
+    return json.loads(raw)
+
+
+@dataclass
+class ChaosDriver:
+    fleet: Fleet
+    client: redis.Redis
+    job_id: str
+    rounds: int = 1
+    seed: int = 0
+    kills: Counter = field(default_factory=Counter)
+    log: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos", daemon=True)
+
+    def start(self) -> ChaosDriver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(300)
+
+    def _run(self) -> None:
+        try:
+            last = -1
+            for round_ in range(self.rounds):
+                for kind in SERVICE_TYPES:
+                    if not self._wait_for_progress(since=last):
+                        return
+                    last = self._crash(kind, round_)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def _wait_for_progress(self, *, since: int) -> bool:
+        """Until the job has completed a step after step ``since``; False when it is over
+        or we are stopped."""
+        start = since + 1
+        while not self._stop.is_set():
+            job = read_job(self.client, self.job_id)
+            if job["state"] not in ("queued", "running"):
+                return False
+            if job["current_step"] > start:
+                # land somewhere inside the next step, not always at its start
+                return not self._stop.wait(self._rng.uniform(0.0, 1.0))
+            self._stop.wait(0.1)
+        return False
+
+    def _wait_for_work(self, kind: str, name: str, *, within_s: float = 10.0) -> None:
+        """For the trainer and rollout replicas, wait (a bounded time) until they are in
+        the middle of their work, so the kill lands there: the trainer has read the
+        step's samples and not yet acknowledged them; a replica is generating."""
+        if kind not in ("trainer", "rollout"):
+            return
+        stream = f"rlfleet:exp:{self.job_id}"
+        end = time.monotonic() + within_s
+        while time.monotonic() < end and not self._stop.is_set():
+            if kind == "trainer":
+                try:
+                    if int(self.client.xpending(stream, "trainer")["pending"]) > 0:
+                        return
+                except redis.ResponseError:  # no stream or group yet
+                    pass
+            elif _running_sequences(self.fleet.procs[name].address) > 0:
+                return
+            time.sleep(0.005)
+
+    def _crash(self, kind: str, round_: int) -> int:
+        """Kills and restarts one service of ``kind``; returns the step it was killed in."""
+        step = read_job(self.client, self.job_id)["current_step"]
+        if kind == "redis":
+            self.fleet.restart_redis(crash=True)
+            name = "redis"
+        else:
+            if kind == "rollout":
+                replicas = sorted(n for n in self.fleet.procs if n.startswith("rollout"))
+                name = replicas[round_ % len(replicas)]
+            else:
+                name = kind
+            self._wait_for_work(kind, name)
+            self.fleet.procs[name].kill()
+            # Let its peers see it gone (streams break, calls fail) before it is back.
+            self._stop.wait(self._rng.uniform(0.2, 1.5))
+            self.fleet.restart(name)
+        self.kills[kind] += 1
+        self.log.append(f"{time.strftime('%H:%M:%S')} killed {name} during step {step}")
+        logger.warning("chaos: killed and restarted %s during step %d", name, step)
+        return step
+
+
+def _running_sequences(address: str) -> int:
+    from rlfleet.common.grpc_client import make_channel
+    from rlfleet.v1 import rollout_pb2, rollout_pb2_grpc
+
+    try:
+        with make_channel(address) as channel:
+            stub = rollout_pb2_grpc.RolloutServiceStub(channel)
+            return stub.GetStatus(rollout_pb2.RolloutStatusRequest(), timeout=2).running_sequences
+    except Exception:  # noqa: BLE001 - a replica that does not answer is not generating
+        return 0
+
+
+@dataclass
+class Accounting:
+    state: str
+    reason: str
+    steps: int
+    prompts_dispatched: int
+    samples_written: int
+    samples_trained: int
+    stream_entries_added: int
+    left_in_stream: int
+    left_pending: int
+    step_records: list[int]
+    problems: list[str]
+
+    def lines(self) -> list[str]:
+        return [
+            f"job state: {self.state}{' (' + self.reason + ')' if self.reason else ''}",
+            f"steps recorded by the scheduler: {len(self.step_records)} of {self.steps}",
+            f"prompts dispatched: {self.prompts_dispatched}",
+            f"samples written to the buffer (dedupe set): {self.samples_written}",
+            f"stream entries ever added: {self.stream_entries_added}",
+            f"samples trained (sum over trainer step results): {self.samples_trained}",
+            f"left in the stream: {self.left_in_stream}, left pending: {self.left_pending}",
+            "problems: " + ("none" if not self.problems else "; ".join(self.problems)),
+        ]
+
+
+def account(client: redis.Redis, job_id: str) -> Accounting:
+    """The books of a finished sync-mode job, read from Redis (keys in docs/DESIGN.md)."""
+    job = read_job(client, job_id)
+    spec = JobSpec.model_validate_json(job["spec_json"])
+    per_step, group = spec.algorithm.prompts_per_step, spec.algorithm.group_size
+    problems: list[str] = []
+
+    records = [
+        json.loads(r) for r in _retry(lambda: client.lrange(f"rlfleet:job:{job_id}:steps", 0, -1))
+    ]
+    record_steps = [int(r["step"]) for r in records]
+    if record_steps != list(range(spec.steps)):
+        problems.append(f"step records are {record_steps}, expected 0..{spec.steps - 1} once each")
+
+    expected_ids = {
+        f"g{serial}-{m}" for serial in range(spec.steps * per_step) for m in range(group)
+    }
+    written = {x.decode() for x in _retry(lambda: client.smembers(f"rlfleet:exp:{job_id}:ids"))}
+    if written != expected_ids:
+        missing, extra = expected_ids - written, written - expected_ids
+        problems.append(
+            f"buffer ids differ from the dispatched prompts: {len(missing)} missing "
+            f"(e.g. {sorted(missing)[:3]}), {len(extra)} unexpected (e.g. {sorted(extra)[:3]})"
+        )
+
+    trained_entries: list[str] = []
+    samples_trained = 0
+    for s in range(spec.steps):
+        raw = _retry(lambda s=s: client.get(f"rlfleet:trainer:{job_id}:step:{s}"))
+        if raw is None:
+            problems.append(f"trainer has no result for step {s}")
+            continue
+        result = json.loads(raw)
+        trained_entries += result["entry_ids"]
+        samples_trained += int(result["samples_trained"])
+        if int(result["samples_trained"]) != per_step * group:
+            problems.append(
+                f"step {s} trained {result['samples_trained']} samples, expected {per_step * group}"
+            )
+    dupes = [e for e, n in Counter(trained_entries).items() if n > 1]
+    if dupes:
+        problems.append(f"{len(dupes)} buffer entries were trained in two steps: {dupes[:3]}")
+
+    stream = f"rlfleet:exp:{job_id}"
+    info = _retry(lambda: client.xinfo_stream(stream))
+    added = int(info["entries-added"])
+    if added != len(written):
+        problems.append(f"the stream got {added} entries for {len(written)} distinct samples")
+    if len(trained_entries) != added:
+        problems.append(f"{len(trained_entries)} entries trained, {added} added to the stream")
+    left = int(_retry(lambda: client.xlen(stream)))
+    pending = int(_retry(lambda: client.xpending(stream, "trainer"))["pending"])
+    if left or pending:
+        problems.append(f"{left} entries left in the stream, {pending} pending")
+    if job["state"] != "succeeded":
+        problems.append(f"job ended {job['state']}: {job.get('reason', '')}")
+    return Accounting(
+        state=job["state"],
+        reason=job.get("reason", ""),
+        steps=spec.steps,
+        prompts_dispatched=spec.steps * per_step,
+        samples_written=len(written),
+        samples_trained=samples_trained,
+        stream_entries_added=added,
+        left_in_stream=left,
+        left_pending=pending,
+        step_records=record_steps,
+        problems=problems,
+    )

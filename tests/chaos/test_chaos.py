@@ -1,0 +1,155 @@
+"""A job on the real local fleet survives kill -9 of every service type and a Redis
+crash, with exact accounting (see chaos_driver.py); a rollout replica killed in
+the middle of generating, or hung (SIGSTOP), has its sequences handed to the
+other replica, and a replica that comes back pulls the current policy version.
+
+``make test`` runs one round (each service type killed once). ``make chaos``
+sets RLFLEET_CHAOS_ROUNDS (default there: 3) for a longer run and prints the
+kills per service and the final books (run pytest with -s to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from rlfleet.common.grpc_client import call, make_channel
+from rlfleet.v1 import rollout_pb2, rollout_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from chaos_driver import (  # noqa: E402
+    PASSWORD,
+    SERVICE_TYPES,
+    STEPS_PER_ROLLOUT_RESTART,
+    ChaosDriver,
+    account,
+    read_job,
+)
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = int(os.environ.get("RLFLEET_CHAOS_ROUNDS", "1"))
+
+
+def _spec(model_dir: Path, steps: int) -> str:
+    return json.dumps(
+        {
+            "model": {"path": str(model_dir)},
+            "task": {"name": "basic_arithmetic", "size": 1000},
+            "sampling": {"max_new_tokens": 16},
+            "algorithm": {"group_size": 2, "prompts_per_step": 4},
+            # every step checkpoints: a restarted trainer resumes weights and AdamW state
+            "checkpoint": {"every_steps": 1, "keep": 2},
+            "steps": steps,
+        }
+    )
+
+
+def test_job_survives_kill_9_of_every_service(fleet, tiny_model_dir):
+    # A few steps per kill (the job moves on between a restart and the next kill), and room to run ahead while a
+    # killed rollout replica restarts (all but the last round's).
+    steps = ROUNDS * len(SERVICE_TYPES) * 3 + (ROUNDS - 1) * STEPS_PER_ROLLOUT_RESTART + 6
+    client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
+    with make_channel(fleet.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        job = stub.SubmitJob(
+            scheduler_pb2.SubmitJobRequest(spec_json=_spec(tiny_model_dir, steps)), timeout=30
+        )
+    driver = ChaosDriver(fleet, client, job.job_id, rounds=ROUNDS, seed=ROUNDS).start()
+    deadline = time.monotonic() + 240 * ROUNDS + 120
+    try:
+        while read_job(client, job.job_id)["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "the job did not finish in time"
+            assert driver.error is None, f"the chaos driver failed: {driver.error!r}"
+            time.sleep(0.5)
+    finally:
+        driver.stop()
+    books = account(client, job.job_id)
+    print(f"\nchaos: {ROUNDS} round(s); kills per service: {dict(driver.kills)}")
+    for line in driver.log:
+        print("  " + line)
+    for line in books.lines():
+        print("  " + line)
+    assert driver.error is None, repr(driver.error)
+    assert books.problems == [], "\n".join(books.lines())
+    assert sum(driver.kills.values()) == ROUNDS * len(SERVICE_TYPES), driver.log
+
+    # No service wrote the Redis password into its log.
+    for name, proc in fleet.procs.items():
+        assert PASSWORD not in proc.log_path.read_text(errors="replace"), name
+    client.close()
+
+
+def _status(proc) -> rollout_pb2.RolloutStatus:
+    with make_channel(proc.address) as channel:
+        return call(
+            rollout_pb2_grpc.RolloutServiceStub(channel).GetStatus,
+            rollout_pb2.RolloutStatusRequest(),
+            timeout=10,
+        )
+
+
+def _wait(what: str, predicate, *, timeout: float = 120.0, poll: float = 0.05):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(poll)
+
+
+def test_dead_and_hung_replicas_hand_over_and_rejoin(fleet, tiny_model_dir):
+    client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
+    # Long enough to outlast a replica restart and a hang; cancelled at the end.
+    spec = json.loads(_spec(tiny_model_dir, 500))
+    spec["sampling"]["max_new_tokens"] = 48
+    with make_channel(fleet.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
+    job_id = job.job_id
+    step = lambda: read_job(client, job_id)["current_step"]  # noqa: E731
+    try:
+        _wait("the job has run a step", lambda: step() >= 1)
+        # kill -9 rollout-0 while it is generating
+        r0 = fleet.procs["rollout-0"]
+        _wait("rollout-0 is generating", lambda: _status(r0).running_sequences > 0, poll=0.01)
+        r0.kill()
+        killed_at = step()
+        _wait("the job moves on without rollout-0", lambda: step() >= killed_at + 2)
+        # it comes back on its port and is brought up to the current version
+        r0 = fleet.restart("rollout-0")
+        _wait(
+            "the restarted rollout-0 holds the job's current version",
+            lambda: (
+                (s := _status(r0)).job_id == job_id
+                and s.version == read_job(client, job_id)["policy_version"]
+                and s.version > killed_at
+            ),
+        )
+        # rollout-1 hangs (SIGSTOP keeps its sockets open: only a heartbeat sees it)
+        r1 = fleet.procs["rollout-1"]
+        _wait("rollout-1 is generating", lambda: _status(r1).running_sequences > 0, poll=0.01)
+        os.kill(r1.pid, signal.SIGSTOP)
+        try:
+            hung_at = step()
+            _wait("the job moves on without rollout-1", lambda: step() >= hung_at + 2)
+        finally:
+            os.kill(r1.pid, signal.SIGCONT)
+        log = fleet.procs["scheduler"].log_path.read_text()
+        assert "dropping rollout replica rollout-0" in log
+        assert "rollout-1@" in log and "is hung" in log
+        assert read_job(client, job_id)["state"] == "running"
+    finally:
+        with make_channel(fleet.scheduler_address) as channel:
+            scheduler_pb2_grpc.SchedulerServiceStub(channel).CancelJob(
+                scheduler_pb2.CancelJobRequest(job_id=job_id), timeout=30
+            )
+        client.close()
