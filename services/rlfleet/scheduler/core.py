@@ -52,7 +52,21 @@ def validate_spec(spec_json: str) -> JobSpec:
     except ValueError as exc:
         raise InvalidArgument(f"invalid job spec: {exc}") from None
     load_codec(spec.model.path)  # InvalidArgument without a tokenizer.json
+    _check_task(spec)
     return spec
+
+
+def _check_task(spec: JobSpec) -> None:
+    """Builds the task's dataset once, so bad ``task.params`` fail the submit, not the job."""
+    from rlfleet.common.tasks import PromptSource
+
+    try:
+        PromptSource(spec.task).get(0)
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        reason = str(exc).replace("__init__() ", "") or type(exc).__name__
+        raise InvalidArgument(
+            f"invalid job spec: task.params do not fit task {spec.task.name!r}: {reason}"
+        ) from None
 
 
 class SchedulerCore:
@@ -114,6 +128,11 @@ class SchedulerCore:
         self._shutdown.clear()
         self._thread = threading.Thread(target=self._work, name="scheduler-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread runs (the REST API's /readyz reports it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stops the worker; a job in progress stays ``running`` and resumes on the next start."""

@@ -67,16 +67,31 @@ class JobRunner:
         """
         job = self.store.get(job_id)
         spec = JobSpec.model_validate_json(job.spec_json)
+        strategy = setup_strategy(
+            spec.scheduling.mode,
+            pool=self.pool,
+            redis_client=self.store.r,
+            prefix=self.store.prefix,
+        )
         if job.current_step >= spec.steps:  # died after its last step was recorded
+            strategy.finish(job_id)
             return self.store.transition(job_id, JobState.SUCCEEDED)
-        strategy = setup_strategy(spec.scheduling.mode, pool=self.pool)
         codec = load_codec(spec.model.path)
         prompts = PromptSource(spec.task)
-        version = self._init(job, spec)
-        for step in range(job.current_step, spec.steps):
-            self._check(job_id, stop)
-            ctx = StepContext(job_id, spec, step, version, codec, prompts, stop)
-            version = self._step(ctx, strategy)
+        try:
+            version = self._init(job, spec)
+            for step in range(job.current_step, spec.steps):
+                self._check(job_id, stop)
+                ctx = StepContext(job_id, spec, step, version, codec, prompts, stop)
+                version = self._step(ctx, strategy)
+        except (Interrupted, RlfleetError) as exc:
+            # A failed or cancelled job is never resumed: drop what the strategy kept
+            # for it. One stopped by a shutdown stays running and keeps it.
+            with contextlib.suppress(Exception):
+                if isinstance(exc, RlfleetError) or self.store.get(job_id).terminal:
+                    strategy.finish(job_id)
+            raise
+        strategy.finish(job_id)
         return self.store.transition(job_id, JobState.SUCCEEDED)
 
     def _check(self, job_id: str, stop: threading.Event) -> None:

@@ -7,12 +7,18 @@ sequences go to the others; it comes back at the next ``refresh`` and is brought
 up to the current version before it gets work again (the same path a late
 joiner or a restarted replica takes). Any other status is a real error and is
 raised with the replica's address in the message.
+
+A replica that hangs (a stopped process, a wedged engine) breaks no stream, so
+while streams run every ``heartbeat_s`` each replica still streaming is asked
+for its status; one that misses ``heartbeat_misses`` heartbeats in a row has its
+streams cancelled and is treated like one that failed with UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -44,6 +50,8 @@ class Replica:
     version: int = -1
     last_error: str = ""
     calls: list = field(default_factory=list)  # Generate streams in flight (to cancel)
+    missed_heartbeats: int = 0
+    lost: str = ""  # why its streams were cancelled for want of a heartbeat
 
     def holds(self, job_id: str, version: int) -> bool:
         return self.healthy and self.job_id == job_id and self.version == version
@@ -66,6 +74,8 @@ class ReplicaPool:
         generate_timeout_s: float = 3600.0,
         replica_retry_s: float = 5.0,
         max_message_mb: int = 256,
+        heartbeat_s: float = 5.0,
+        heartbeat_misses: int = 2,
     ):
         self.discovery = discovery
         self.weightsync_address = weightsync_address
@@ -74,8 +84,13 @@ class ReplicaPool:
         self.generate_timeout_s = generate_timeout_s
         self.replica_retry_s = replica_retry_s
         self.max_message_mb = max_message_mb
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_misses = heartbeat_misses
         self._replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
+        self._busy: dict[str, float] = {}  # stream seconds per replica during generate()
+        self.last_idle: dict[str, float] = {}
+        """Per replica of the last ``generate``: seconds it had no stream open."""
 
     # -- membership and health ----------------------------------------------
 
@@ -112,6 +127,7 @@ class ReplicaPool:
         if not replica.healthy:
             logger.info("rollout replica %s is up (version %d)", replica.address, status.version)
         replica.healthy, replica.last_error = True, ""
+        replica.missed_heartbeats, replica.lost = 0, ""
         replica.replica_id, replica.engine = status.replica_id, status.engine
         replica.job_id, replica.version = status.job_id, status.version
 
@@ -217,6 +233,8 @@ class ReplicaPool:
         """
         results: dict[str, rollout_pb2.SequenceResult] = {}
         pending = [list(g) for g in groups if g]
+        started, self._busy = time.monotonic(), {}
+        used = self.ready(job_id, version, limit=limit)
         while pending:
             if stop.is_set():
                 raise Interrupted("stopped before generating")
@@ -242,6 +260,8 @@ class ReplicaPool:
                     why = error.message if error else "stream ended with unfinished sequences"
                     self.drop(replica, f"Generate failed: {why}")
                     pending += leftover
+        total = time.monotonic() - started
+        self.last_idle = {str(r): max(0.0, total - self._busy.get(r.address, 0.0)) for r in used}
         return results
 
     def _run_streams(
@@ -256,6 +276,7 @@ class ReplicaPool:
                 for replica, groups in plan
             }
             aborted = False
+            next_beat = time.monotonic() + self.heartbeat_s
             while True:
                 done, not_done = futures.wait(running, timeout=_STOP_POLL_S)
                 if not not_done:
@@ -263,7 +284,35 @@ class ReplicaPool:
                 if stop.is_set() and not aborted:
                     self.abort([running[f][0] for f in not_done])
                     aborted = True
+                if self.heartbeat_s > 0 and time.monotonic() >= next_beat and not aborted:
+                    self._heartbeat([running[f][0] for f in not_done])
+                    next_beat = time.monotonic() + self.heartbeat_s
             return [(*running[f], *f.result()) for f in running]
+
+    def _heartbeat(self, replicas: list[Replica]) -> None:
+        """Asks each streaming replica for its status; cancels the streams of a hung one."""
+
+        def beat(replica: Replica) -> None:
+            try:
+                call(
+                    replica.stub.GetStatus,
+                    rollout_pb2.RolloutStatusRequest(),
+                    timeout=self.status_timeout_s,
+                    retry=False,
+                )
+            except RlfleetError as exc:
+                replica.missed_heartbeats += 1
+                if replica.missed_heartbeats >= self.heartbeat_misses and not replica.lost:
+                    replica.lost = (
+                        f"no heartbeat for {replica.missed_heartbeats} checks ({exc.message})"
+                    )
+                    logger.warning("rollout replica %s is hung: %s", replica, replica.lost)
+                    for stream in list(replica.calls):
+                        stream.cancel()
+                return
+            replica.missed_heartbeats = 0
+
+        self._each(replicas, beat)
 
     def _stream(
         self,
@@ -278,17 +327,24 @@ class ReplicaPool:
         got: dict[str, rollout_pb2.SequenceResult] = {}
         stream = replica.stub.Generate(request, timeout=self.generate_timeout_s)
         replica.calls.append(stream)
+        opened = time.monotonic()
         try:
             for result in stream:
                 if result.finished and result.seq_id in wanted:
                     got[result.seq_id] = result
                     metrics.TOKENS_GENERATED.inc(len(result.token_ids))
         except grpc.RpcError as exc:
+            if replica.lost and exc.code() == grpc.StatusCode.CANCELLED:
+                return got, Unavailable(replica.lost)  # retried on the others
             if stop.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
                 return got, None
             return got, from_rpc_error(exc)
         finally:
             replica.calls.remove(stream)
+            with self._lock:
+                self._busy[replica.address] = (
+                    self._busy.get(replica.address, 0.0) + time.monotonic() - opened
+                )
         return got, None
 
     def abort(self, replicas: Iterable[Replica]) -> None:

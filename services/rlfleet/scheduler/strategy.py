@@ -2,9 +2,9 @@
 
 The step loop (``loop.py``) is the same for every strategy: rollout, score,
 train, sync, record. Only the rollout phase differs: ``sync`` runs every
-sequence of the step to its end under one policy version; C3PO++ (``c3po``)
-will stop at a token budget and carry unfinished rollouts into the next
-version. A strategy is built per job run and may keep state across its steps.
+sequence of the step to its end under one policy version; C3PO++ (``c3po``,
+``c3po.py``) stops at a token budget and carries unfinished rollouts into the
+next version. A strategy is built per job run and may keep state across its steps.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import redis
+
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.tasks import PromptSource
+from rlfleet.scheduler.c3po_metrics import REPLICA_IDLE_SECONDS, version_metrics
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import TextCodec, build_samples, make_groups
 from rlfleet.v1 import common_pb2, rollout_pb2
@@ -50,6 +53,24 @@ class RolloutStrategy(abc.ABC):
     @abc.abstractmethod
     def rollout(self, ctx: StepContext) -> RolloutResult:
         """Generates the step's samples; raises Interrupted when ``ctx.stop`` is set."""
+
+    def finish(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """The job's last step is recorded: drop whatever the strategy kept for it."""
+
+
+def rollout_metrics(samples: list[common_pb2.Sample], ctx: StepContext) -> dict[str, float]:
+    """Step-record keys every strategy reports about the samples it hands to training."""
+    lengths = [len(s.completion_token_ids) for s in samples]
+    tokens = sum(lengths)
+    return {
+        "tokens_generated": float(tokens),
+        "response_length_mean": tokens / len(lengths) if lengths else 0.0,
+        "response_length_max": float(max(lengths, default=0)),
+        "finished_stop_frac": (
+            sum(s.finish_reason == "stop" for s in samples) / len(samples) if samples else 0.0
+        ),
+        **version_metrics(samples, version=ctx.version),
+    }
 
 
 def sampling_params(spec: JobSpec, step: int) -> rollout_pb2.SamplingParams:
@@ -93,39 +114,43 @@ class SyncStrategy(RolloutStrategy):
         )
         elapsed = time.perf_counter() - start
         samples = build_samples(groups, results, ctx.codec, job_id=ctx.job_id, step=ctx.step)
-        lengths = [len(s.completion_token_ids) for s in samples]
-        tokens = sum(lengths)
-        return RolloutResult(
-            samples,
-            {
-                "tokens_generated": float(tokens),
-                "response_length_mean": tokens / len(lengths) if lengths else 0.0,
-                "response_length_max": float(max(lengths, default=0)),
-                "finished_stop_frac": (
-                    sum(s.finish_reason == "stop" for s in samples) / len(samples)
-                    if samples
-                    else 0.0
-                ),
-                "rollout_tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
-            },
-        )
+        out = rollout_metrics(samples, ctx)
+        out["rollout_tokens_per_second"] = out["tokens_generated"] / elapsed if elapsed > 0 else 0.0
+        idle = self.pool.last_idle
+        if idle:
+            out["replica_idle_seconds_mean"] = sum(idle.values()) / len(idle)
+            out["replica_idle_seconds_max"] = max(idle.values())
+            for name, seconds in idle.items():
+                REPLICA_IDLE_SECONDS.labels(name).inc(seconds)
+        return RolloutResult(samples, out)
 
 
-STRATEGIES = ("sync",)
+STRATEGIES = ("sync", "c3po")
 
 
 def check_mode(mode: str) -> None:
     """Raises ValueError with a user-facing sentence unless ``mode`` can run."""
-    if mode == "c3po":
-        raise ValueError(
-            "scheduling.mode 'c3po' (C3PO++ token-budget partitioning) is not implemented "
-            "yet; use 'sync'"
-        )
     if mode not in STRATEGIES:
         raise ValueError(f"unknown scheduling.mode {mode!r}; known: {', '.join(STRATEGIES)}")
 
 
-def setup_strategy(mode: str, *, pool: ReplicaPool) -> RolloutStrategy:
-    """Factory: the rollout strategy for ``spec.scheduling.mode``."""
+def setup_strategy(
+    mode: str,
+    *,
+    pool: ReplicaPool,
+    redis_client: redis.Redis | None = None,
+    prefix: str = "rlfleet",
+) -> RolloutStrategy:
+    """Factory: the rollout strategy for ``spec.scheduling.mode``.
+
+    C3PO++ keeps its pool in Redis (``redis_client``) so a restart resumes it.
+    """
     check_mode(mode)
+    if mode == "c3po":
+        if redis_client is None:
+            raise ValueError("C3PO++ (scheduling.mode 'c3po') keeps its rollout pool in Redis")
+        from rlfleet.scheduler.c3po import C3poStrategy
+        from rlfleet.scheduler.c3po_store import C3poStore
+
+        return C3poStrategy(pool, store=C3poStore(redis_client, prefix=prefix))
     return SyncStrategy(pool)

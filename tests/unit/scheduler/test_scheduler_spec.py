@@ -23,7 +23,11 @@ def core(make_core):
         ({"sampling": {"temperature": 9.0}}, "sampling.temperature", "less than or equal to 5"),
         ({"steps": 0}, "steps", "greater than or equal to 1"),
         ({"algorithm": {"learning_rate": 1e-5}}, "algorithm.learning_rate", "Extra inputs"),
-        ({"scheduling": {"mode": "c3po"}}, "scheduling.mode", "not implemented yet"),
+        (
+            {"scheduling": {"mode": "c3po", "pool_capacity": 1}},
+            "scheduling.pool_capacity",
+            "smaller than one group",
+        ),
         ({"scheduling": {"mode": "fast"}}, "scheduling.mode", "'sync' or 'c3po'"),
         ({"reward": {"verifier": "regex"}}, "reward.pattern", "required"),
     ],

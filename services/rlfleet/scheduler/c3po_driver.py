@@ -1,0 +1,296 @@
+"""One C3PO++ iteration, exactly as the paper gives it, over any rollout backend.
+
+    1. purge from P every rollout carried over more than σ times;
+    2. C = 0; while C < Φ: refill P with new prompts up to Ω; every rollout in P
+       advances under the current version; a finished one moves to Q, adding its
+       length to C;
+    3. (the step loop trains on Q, giving the next version)
+    4. unfinished rollouts stay in P with retention + 1 and resume next time.
+
+With GRPO the unit that "finishes" and moves to Q is a whole group (see
+``c3po_pool``). When C reaches Φ the backend aborts: replicas hand back their
+partial sequences, which stay in P with their tokens, log-probs and versions.
+A real stop is not instantaneous: a group that completes after C reached Φ
+(later in the same batch of reports, or while Abort travels) stays in P,
+finished, and is the first thing the next iteration moves to Q. That keeps each
+step's training batch at Φ plus at most the group that crossed it.
+
+The driver never blocks on anything but ``backend.wait``, so the same code runs
+against live replicas over gRPC (``c3po_grpc.GrpcBackend``) and against the
+discrete-event fleet with a virtual clock (``c3po_sim.SimFleet``). It also runs
+the budget-free synchronous baseline (``run_sync``) for the simulated
+comparison; the production baseline is ``strategy.SyncStrategy``.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from rlfleet.common.errors import FailedPrecondition
+from rlfleet.scheduler.c3po_pool import Group, InferencePool, Progress, Rollout
+from rlfleet.scheduler.jobs import Interrupted
+
+WorkUnit = tuple[Group, list[Rollout]]
+"""A group and those of its members to (re)start; they go to one replica together."""
+
+
+@dataclass
+class Lost:
+    """Sequences a failed replica will not report on; they are dispatched again."""
+
+    seq_ids: list[str]
+    reason: str
+
+
+Event = Progress | Lost
+
+
+class RolloutBackend(abc.ABC):
+    """Where rollouts run: live replicas over gRPC, or the simulated fleet."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The backend's clock in seconds (wall time, or virtual time in simulation)."""
+
+    @abc.abstractmethod
+    def submit(self, units: list[WorkUnit]) -> None:
+        """Starts (or resumes from their prefix) the given members under the current version."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> list[Event]:
+        """Blocks until at least one sequence finishes (or ``timeout`` passes)."""
+
+    @abc.abstractmethod
+    def abort(self) -> list[Event]:
+        """Stops every replica; returns the partials (and any late finishers)."""
+
+    @property
+    @abc.abstractmethod
+    def in_flight(self) -> int:
+        """Sequences submitted and not yet reported."""
+
+    def idle_seconds(self) -> dict[str, float]:
+        """Per replica: time with nothing to generate since the backend was built."""
+        return {}
+
+
+class GroupSource(Protocol):
+    def draw(self, serial: int, *, step: int) -> Group:
+        """A new group for prompt ``serial`` (its members unstarted)."""
+
+
+@dataclass(frozen=True)
+class C3poSettings:
+    token_budget: int
+    """Φ: completion tokens of released groups that end an iteration."""
+    pool_capacity: int
+    """Ω: unfinished sequences kept in P (whole groups are added)."""
+    retention_limit: int
+    """σ: carry-overs allowed before a rollout is purged."""
+    group_size: int
+
+    @classmethod
+    def from_spec(cls, spec) -> C3poSettings:
+        s = spec.scheduling
+        return cls(
+            token_budget=s.token_budget,
+            pool_capacity=s.pool_capacity or 2 * spec.samples_per_step,
+            retention_limit=s.retention_limit,
+            group_size=spec.algorithm.group_size,
+        )
+
+
+@dataclass
+class IterationReport:
+    step: int
+    released: list[Group] = field(default_factory=list)
+    purged: list[Group] = field(default_factory=list)
+    budget_used: int = 0
+    completed: int = 0
+    """Sequences that finished in this iteration (released or waiting for their group)."""
+    carried: int = 0
+    """Unfinished sequences left in P for the next iteration."""
+    new_groups: int = 0
+    deferred: int = 0
+    """Groups that completed after C reached Φ, while the replicas were stopping; they
+    stay in P and are released first in the next iteration."""
+    resumed: int = 0
+    """Sequences dispatched from a prefix carried over from an earlier iteration."""
+    aborted: int = 0
+    rollout_seconds: float = 0.0
+    decision_seconds: float = 0.0
+    """CPU time of the driver and pool code: everything but the backend's calls (network
+    and replicas in production, the event simulation in simulation). CPU time, so that a
+    busy machine does not inflate it."""
+    idle_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(g.tokens for g in self.released)
+
+    def retention_counts(self) -> Counter:
+        return Counter(m.retention for g in self.released for m in g.members)
+
+
+class IterationDriver:
+    """Runs iterations of one job's pool against a backend."""
+
+    def __init__(
+        self,
+        pool: InferencePool,
+        source: GroupSource,
+        settings: C3poSettings,
+        *,
+        poll_s: float = 0.2,
+    ):
+        self.pool = pool
+        self.source = source
+        self.settings = settings
+        self.poll_s = poll_s
+
+    def run_c3po(
+        self, backend: RolloutBackend, *, step: int, stop: threading.Event | None = None
+    ) -> IterationReport:
+        clock0, wall0 = backend.now(), time.thread_time()
+        waited = 0.0
+        report = IterationReport(step=step)
+        s = self.settings
+        report.purged = self.pool.purge(s.retention_limit)
+        # Groups that completed while the replicas were stopping last time end first.
+        for group in sorted((g for g in self.pool if g.finished), key=lambda g: g.serial):
+            self._release(group, report)
+        carried_units = self.pool.resume_order()
+        report.resumed = sum(len(members) for _, members in carried_units)
+        waited += self._submit(backend, carried_units)
+        waited += self._refill(backend, report)
+        while report.budget_used < s.token_budget:
+            if stop is not None and stop.is_set():
+                backend.abort()
+                raise Interrupted("stopped while generating")
+            if not backend.in_flight:
+                raise FailedPrecondition(
+                    "C3PO++: nothing is left to generate before the token budget was reached "
+                    f"(C = {report.budget_used} < Φ = {s.token_budget})"
+                )
+            t = time.thread_time()
+            events = backend.wait(self.poll_s)
+            waited += time.thread_time() - t
+            waited += self._handle(events, backend, report, budget=s.token_budget)
+            if report.budget_used < s.token_budget:
+                waited += self._refill(backend, report)
+        t = time.thread_time()
+        late = backend.abort()
+        waited += time.thread_time() - t
+        report.aborted = sum(isinstance(e, Progress) and not e.finished for e in late)
+        # Sequences that finished while the replicas stopped keep their tokens; a group
+        # they complete is deferred to the next iteration (the budget is spent).
+        self._handle(late, None, report, budget=s.token_budget)
+        report.carried = self.pool.carry()
+        report.rollout_seconds = backend.now() - clock0
+        report.decision_seconds = time.thread_time() - wall0 - waited
+        report.idle_seconds = backend.idle_seconds()
+        return report
+
+    def run_sync(
+        self,
+        backend: RolloutBackend,
+        *,
+        step: int,
+        groups: int,
+        stop: threading.Event | None = None,
+    ) -> IterationReport:
+        """The budget-free baseline: ``groups`` new prompts, every sequence run to its end."""
+        if len(self.pool):
+            raise FailedPrecondition("the synchronous baseline starts each step with an empty pool")
+        clock0, wall0 = backend.now(), time.thread_time()
+        waited = 0.0
+        report = IterationReport(step=step)
+        units = [self._new_group(step, report) for _ in range(groups)]
+        waited += self._submit(backend, units)
+        while len(self.pool):
+            if stop is not None and stop.is_set():
+                backend.abort()
+                raise Interrupted("stopped while generating")
+            t = time.thread_time()
+            events = backend.wait(self.poll_s)
+            waited += time.thread_time() - t
+            waited += self._handle(events, backend, report)
+        report.rollout_seconds = backend.now() - clock0
+        report.decision_seconds = time.thread_time() - wall0 - waited
+        report.idle_seconds = backend.idle_seconds()
+        return report
+
+    # -- internals ------------------------------------------------------------
+
+    def _new_group(self, step: int, report: IterationReport) -> WorkUnit:
+        group = self.source.draw(self.pool.next_serial, step=step)
+        self.pool.next_serial += 1
+        self.pool.add(group)
+        report.new_groups += 1
+        return group, list(group.members)
+
+    @staticmethod
+    def _submit(backend: RolloutBackend, units: list[WorkUnit]) -> float:
+        """Hands work to the backend; returns the time spent there (not scheduling time)."""
+        if not units:
+            return 0.0
+        t = time.thread_time()
+        backend.submit(units)
+        return time.thread_time() - t
+
+    def _refill(self, backend: RolloutBackend, report: IterationReport) -> float:
+        """Tops P up to Ω with whole new groups, dispatched after everything carried."""
+        units = []
+        g = self.settings.group_size
+        while self.pool.free_slots(self.settings.pool_capacity) >= g:
+            units.append(self._new_group(report.step, report))
+        return self._submit(backend, units)
+
+    def _release(self, group: Group, report: IterationReport) -> None:
+        """Moves a complete group from P to Q; its tokens count towards C."""
+        self.pool.remove(group.serial)
+        report.released.append(group)
+        report.budget_used += group.tokens
+
+    def _handle(
+        self,
+        events: list[Event],
+        backend: RolloutBackend | None,
+        report: IterationReport,
+        *,
+        budget: int | None = None,
+    ) -> float:
+        """Applies replica reports; releases groups they complete while C < ``budget``."""
+        retry: list[WorkUnit] = []
+        for event in events:
+            if isinstance(event, Lost):
+                retry += self._lost_units(event)
+                continue
+            applied, group = self.pool.apply(event)
+            if applied and event.finished:
+                report.completed += 1
+            if group is None:
+                continue
+            if budget is not None and report.budget_used >= budget:
+                report.deferred += 1  # completed after the stop: stays in P
+            else:
+                self._release(group, report)
+        if retry and backend is not None:
+            return self._submit(backend, retry)
+        return 0.0
+
+    def _lost_units(self, lost: Lost) -> list[WorkUnit]:
+        by_group: dict[int, list[Rollout]] = {}
+        for seq_id in lost.seq_ids:
+            group = self.pool.group_of(seq_id)
+            if group is None:
+                continue
+            for m in group.members:
+                if m.seq_id == seq_id and not m.finished:
+                    by_group.setdefault(group.serial, []).append(m)
+        return [(self.pool.groups[s], members) for s, members in by_group.items()]

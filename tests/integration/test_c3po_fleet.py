@@ -1,0 +1,255 @@
+"""C3PO++ on the real fleet: weight-sync, reward, trainer, two PyTorch rollout
+replicas and the scheduler, each its own process, with a real Redis.
+
+A model whose completions vary in length (some end after a few tokens, many run
+to the limit) and a token budget far below a step's work make every step stop
+with rollouts unfinished; they are carried into the next version and resumed
+there. The test reads every sample the trainer trained on (from the experience
+stream, as reward writes it) and checks each token's recorded version the hard
+way: the log-prob that the recorded version's weights (pulled back from
+weight-sync) give the token must equal the log-prob the replica recorded, and a
+neighbouring version must give a different one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from rlfleet.common.grpc_client import make_channel
+from rlfleet.common.weights import assemble, decode_state_dict
+from rlfleet.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    weightsync_pb2,
+    weightsync_pb2_grpc,
+)
+
+pytestmark = pytest.mark.slow
+
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with larger weights and a stronger EOS: lengths from 2 to the limit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("varied-model")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        model.get_input_embeddings().weight[model.config.eos_token_id] *= 6.0
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture
+def fleet(service_factory, redis_url, tmp_path):
+    common = ["--redis-url", redis_url, "--log-format", "text"]
+
+    def start(name: str, module: str, args: list[str]):
+        return service_factory(name, module, common + args, env=ENV)
+
+    torch_args = ["--torch-threads", "1", "--device", "cpu"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        ws_future = pool.submit(
+            start, "weightsync", "rlfleet.weightsync", ["--keep-versions", str(STEPS + 2)]
+        )
+        reward_future = pool.submit(start, "reward", "rlfleet.reward", [])
+        ws = ws_future.result()
+        trainer_future = pool.submit(
+            start,
+            "trainer",
+            "rlfleet.trainer",
+            ["--weightsync-address", ws.address, "--checkpoint-dir", str(tmp_path / "ckpt")]
+            + torch_args,
+        )
+        rollout_futures = [
+            pool.submit(
+                start,
+                f"rollout-{i}",
+                "rlfleet.rollout",
+                ["--replica-id", f"rollout-{i}", "--weightsync-address", ws.address] + torch_args,
+            )
+            for i in range(2)
+        ]
+        reward, trainer = reward_future.result(), trainer_future.result()
+        rollouts = [f.result() for f in rollout_futures]
+    scheduler = start(
+        "scheduler",
+        "rlfleet.scheduler",
+        [
+            "--rollout-addresses", ",".join(r.address for r in rollouts),
+            "--reward-address", reward.address,
+            "--trainer-address", trainer.address,
+            "--weightsync-address", ws.address,
+            "--poll-interval-s", "0.2",
+        ],
+    )  # fmt: skip
+    return {"scheduler": scheduler, "weightsync": ws}
+
+
+class StreamTap:
+    """Reads a job's experience stream as reward writes it (XREAD, outside the trainer's
+    consumer group), so the test sees every sample before the trainer acknowledges and
+    deletes it."""
+
+    def __init__(self, url: str, job_id: str):
+        self.r = redis.Redis.from_url(url)
+        self.key = f"rlfleet:exp:{job_id}"
+        self.samples: list[common_pb2.Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = "0"
+        while not self._stop.is_set():
+            reply = self.r.xread({self.key: last}, block=200, count=500)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    self.samples.append(common_pb2.Sample.FromString(fields[b"pb"]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.r.close()
+
+
+def _pull(ws_address: str, job_id: str, version: int) -> dict:
+    with make_channel(ws_address) as channel:
+        stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
+        chunks = stub.PullVersion(
+            weightsync_pb2.PullVersionRequest(job_id=job_id, version=version, replica_id="test"),
+            timeout=60,
+        )
+        _, got, payload, _ = assemble(chunks)
+    assert got == version
+    return decode_state_dict(payload)
+
+
+def _logprobs(model, sample) -> list[float]:
+    """log_softmax(logits)[token] of every completion token (temperature 1), one full forward."""
+    import torch
+
+    prompt, completion = list(sample.prompt_token_ids), list(sample.completion_token_ids)
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[torch.arange(len(completion)), torch.tensor(completion)].tolist()
+
+
+def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, varied_model_dir):
+    spec = {
+        "name": "c3po-fleet",
+        "model": {"path": str(varied_model_dir)},
+        "task": {
+            "name": "basic_arithmetic",
+            "params": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        },
+        "sampling": {"temperature": 1.0, "max_new_tokens": 40},
+        # A large learning rate makes consecutive versions clearly different models.
+        "algorithm": {"group_size": 2, "prompts_per_step": 4, "lr": 1e-2},
+        "scheduling": {
+            "mode": "c3po",
+            "token_budget": 60,
+            "pool_capacity": 16,
+            "retention_limit": 2,
+        },
+        "steps": STEPS,
+        "seed": 3,
+    }
+    with make_channel(fleet["scheduler"].address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
+        tap = StreamTap(redis_url, job.job_id)
+        try:
+            end = time.monotonic() + 500
+            while job.state not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < end, f"job still {job.state} at step {job.current_step}"
+                time.sleep(0.5)
+                job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+            time.sleep(0.5)
+        finally:
+            tap.close()
+        assert job.state == "succeeded", job.reason
+        steps = stub.GetSteps(scheduler_pb2.GetStepsRequest(job_id=job.job_id), timeout=10).steps
+
+    samples = tap.samples
+    by_step: dict[int, list] = {}
+    for s in samples:
+        by_step.setdefault(s.step, []).append(s)
+    assert sorted(by_step) == list(range(STEPS))
+    for record in steps:
+        m, got = record.metrics, by_step[record.step]
+        assert m["samples_trained"] == len(got) == m["samples"]
+        assert m["c3po_budget_used"] >= 60
+        assert m["c3po_budget_used"] == sum(len(s.completion_token_ids) for s in got)
+        assert m["version_max"] == max(max(s.token_versions) for s in got)
+        assert m["version_min"] == min(min(s.token_versions) for s in got)
+    assert sum(r.metrics["c3po_sequences_carried"] for r in steps) > 0
+    assert len({s.sample_id for s in samples}) == len(samples)
+
+    # A group entered P at most (its members' largest retention) iterations before it
+    # completed (a member that finished early waited with retention 0), and it is
+    # released in that step or, if it completed while the replicas stopped, the next.
+    group_retention: dict[str, int] = {}
+    for s in samples:
+        group_retention[s.group_id] = max(group_retention.get(s.group_id, 0), s.retention)
+    crossed = []
+    for s in samples:
+        versions = list(s.token_versions)
+        assert len(versions) == len(s.completion_token_ids) == len(s.inference_logprobs)
+        assert versions == sorted(versions)
+        assert s.step - group_retention[s.group_id] - 1 <= versions[0] and versions[-1] <= s.step
+        assert versions[-1] - versions[0] <= s.retention
+        if versions[0] != versions[-1]:
+            crossed.append(s)
+    assert crossed, "no trained sample crossed a version boundary"
+
+    # Each token's log-prob, recomputed under the version it is recorded with.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(str(varied_model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(varied_model_dir), dtype=torch.float32)
+    model.eval()
+    recomputed: dict[tuple[str, int], list[float]] = {}
+    for version in sorted({v for s in crossed for v in s.token_versions}):
+        # Version 0 is the base model (PullVersion's 0 means "the newest").
+        state = (
+            base.state_dict()
+            if version == 0
+            else _pull(fleet["weightsync"].address, job.job_id, version)
+        )
+        model.load_state_dict(state, strict=False)
+        for s in crossed:
+            recomputed[(s.sample_id, version)] = _logprobs(model, s)
+    for s in crossed:
+        versions = list(s.token_versions)
+        for i, v in enumerate(versions):
+            assert abs(recomputed[(s.sample_id, v)][i] - s.inference_logprobs[i]) < 1e-3, (
+                f"{s.sample_id} token {i}: recorded version {v} does not explain its log-prob"
+            )
+        # The check can tell versions apart: the first version does not explain the rest.
+        first = versions[0]
+        later = [i for i, v in enumerate(versions) if v != first]
+        assert any(
+            abs(recomputed[(s.sample_id, first)][i] - s.inference_logprobs[i]) > 1e-3 for i in later
+        )
