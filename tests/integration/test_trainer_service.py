@@ -308,8 +308,8 @@ def test_trainer_process_over_grpc(
     assert redis.Redis.from_url(redis_url).xlen(f"rlfleet:exp:{job}") == 0
     scrape = urllib.request.urlopen(f"http://127.0.0.1:{trainer.info['metrics_port']}/metrics")
     text = scrape.read().decode()
-    assert f'rlfleet_trainer_masked_fraction{{job="{job}"}}' in text
-    assert f'rlfleet_trainer_samples_trained_total{{job="{job}"}} 6.0' in text
+    assert f'rlfleet_trainer_masked_fraction{{job_id="{job}"}}' in text
+    assert f'rlfleet_trainer_samples_trained_total{{job_id="{job}"}} 6.0' in text
 
 
 def test_a_step_survives_weightsync_being_down(

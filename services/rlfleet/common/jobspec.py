@@ -14,7 +14,8 @@ VERIFIERS = ("reasoning_gym", "math", "exact", "regex", "code")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # No NaN/inf: a spec must survive a JSON round trip between services.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Spec):

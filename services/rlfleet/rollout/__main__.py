@@ -32,13 +32,34 @@ def main(argv: list[str] | None = None) -> None:
 
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    engine = setup_engine(
-        cfg.engine,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        max_batch_seqs=cfg.max_batch_seqs,
-        max_prefill_tokens=cfg.max_prefill_tokens,
-    )
+    # A torch-engine benchmark knob other engines lack: passed only when asked for.
+    noise = {}
+    if cfg.logit_noise_std:
+        if cfg.engine != "torch":
+            raise SystemExit(
+                f"error: --logit-noise-std works with --engine torch, not {cfg.engine}"
+            )
+        noise = {"logit_noise_std": cfg.logit_noise_std}
+    if cfg.engine == "vllm":
+        engine = setup_engine(
+            "vllm",
+            dtype=cfg.dtype,
+            max_batch_seqs=cfg.max_batch_seqs,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.kv_cache_gib,
+            enforce_eager=cfg.enforce_eager,
+        )
+    else:
+        engine = setup_engine(
+            cfg.engine,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            max_batch_seqs=cfg.max_batch_seqs,
+            max_prefill_tokens=cfg.max_prefill_tokens,
+            **noise,
+        )
     if cfg.model_path:
         engine.load_model(cfg.model_path)
     core = RolloutCore(

@@ -50,6 +50,8 @@ class KVBatch:
         pos: torch.Tensor,
         temps: torch.Tensor,
         top_ps: torch.Tensor,
+        *,
+        logit_noise_std: float = 0.0,
     ):
         self.rows = rows
         self.cache = cache
@@ -59,9 +61,18 @@ class KVBatch:
         self.top_ps = top_ps
         self.next_ids = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
         self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.logit_noise_std = logit_noise_std
 
     @classmethod
-    def prefill(cls, model, rows: list[Row], *, device: torch.device, version: int) -> KVBatch:
+    def prefill(
+        cls,
+        model,
+        rows: list[Row],
+        *,
+        device: torch.device,
+        version: int,
+        logit_noise_std: float = 0.0,
+    ) -> KVBatch:
         """Runs prompt + prefix of each new row through the model and samples its next token."""
         seqs = [row.req.prompt_token_ids + row.req.prefix_token_ids for row in rows]
         width = max(len(s) for s in seqs)
@@ -84,7 +95,15 @@ class KVBatch:
         )
         temps = torch.tensor([row.temperature for row in rows], dtype=torch.float32)
         top_ps = torch.tensor([row.top_p for row in rows], dtype=torch.float32)
-        batch = cls(rows, cache, mask, mask.sum(dim=-1), temps.to(device), top_ps.to(device))
+        batch = cls(
+            rows,
+            cache,
+            mask,
+            mask.sum(dim=-1),
+            temps.to(device),
+            top_ps.to(device),
+            logit_noise_std=logit_noise_std,
+        )
         batch._take(out.logits[:, -1, :], version)
         return batch
 
@@ -104,6 +123,8 @@ class KVBatch:
         self._take(out.logits[:, -1, :], version)
 
     def _take(self, logits: torch.Tensor, version: int) -> None:
+        if self.logit_noise_std > 0:
+            logits = logits.float() + self.logit_noise_std * self._logit_noise(logits.shape[-1])
         uniforms = None
         if any(row.temperature > 0 for row in self.rows):
             draws = [row.rng.random() if row.temperature > 0 else 0.0 for row in self.rows]
@@ -118,6 +139,20 @@ class KVBatch:
             row.logprobs.append(lp)
             row.versions.append(version)
         self.next_ids = tokens
+
+    def _logit_noise(self, vocab: int) -> torch.Tensor:
+        """ε ~ N(0, 1) per row and vocabulary entry, from the row's own seeded stream.
+
+        The engine then samples from, and records the log-prob of,
+        log_softmax((logits + σ·ε) / T): an inference policy that differs from
+        the trainer's by a known amount (``logit_noise_std``), the same for a
+        sequence whatever batch it shares.
+        """
+        noise = torch.empty((len(self.rows), vocab), dtype=torch.float32)
+        for i, row in enumerate(self.rows):
+            gen = torch.Generator().manual_seed(row.rng.getrandbits(63))
+            noise[i] = torch.randn(vocab, generator=gen)
+        return noise.to(self.mask.device)
 
     def select(self, keep: list[int]) -> KVBatch | None:
         """Keeps only the rows at ``keep``; None when no row is left."""

@@ -86,7 +86,11 @@ class TorchEngine(RolloutEngine):
         dtype: str = "auto",
         max_batch_seqs: int = 256,
         max_prefill_tokens: int = 16384,
+        logit_noise_std: float = 0.0,
     ):
+        if logit_noise_std < 0:
+            raise ValueError(f"logit_noise_std must be ≥ 0, got {logit_noise_std}")
+        self.logit_noise_std = logit_noise_std
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_seqs = max_batch_seqs
@@ -172,6 +176,7 @@ class TorchEngine(RolloutEngine):
                     "model_path": str(path),
                     "device": str(self.device),
                     "dtype": str(self.dtype),
+                    "logit_noise_std": self.logit_noise_std,
                 },
             )
         finally:
@@ -293,7 +298,11 @@ class TorchEngine(RolloutEngine):
         if new_rows:
             with self._weights_lock:
                 added = KVBatch.prefill(
-                    self._model, new_rows, device=self.device, version=self._version
+                    self._model,
+                    new_rows,
+                    device=self.device,
+                    version=self._version,
+                    logit_noise_std=self.logit_noise_std,
                 )
             added = self._settle(added)
             if added is not None:

@@ -55,9 +55,12 @@ def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
                 f"[0, {vocab_size})"
             )
     # A little above 0 is rounding in the engine's log_softmax; more is not a log-prob.
-    if any(math.isnan(x) or x > 1e-3 for x in sample.inference_logprobs):
+    # −inf is refused too: the engine sampled the token, so its probability was not 0,
+    # and an infinite k = p_train / p_infer would turn the step's KL figures into inf.
+    if any(not math.isfinite(x) or x > 1e-3 for x in sample.inference_logprobs):
         raise InvalidArgument(
-            f"sample {sid}: inference_logprobs must be log-probabilities (≤ 0, not NaN)"
+            f"sample {sid}: inference_logprobs must be finite log-probabilities (≤ 0, "
+            "not NaN or −inf)"
         )
     if not math.isfinite(sample.reward):
         raise InvalidArgument(f"sample {sid}: reward is not a finite number")

@@ -229,7 +229,7 @@ class JobTrainer:
         samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
         metrics = self._optimise(samples)
         self.version, self.last_step = step + 1, step
-        metrics["step_seconds"] = time.perf_counter() - start
+        metrics["trainer_step_seconds"] = time.perf_counter() - start
         result = StepResult(
             step=step,
             version=step + 1,
@@ -250,7 +250,9 @@ class JobTrainer:
         self._unpublished = None
         self.buffer.ack(self.job_id, result.entry_ids)
         prom.POLICY_VERSION.labels(self.job_id).set(result.version)
-        prom.STEP_SECONDS.labels(self.job_id).observe(result.metrics.get("step_seconds", 0.0))
+        prom.STEP_SECONDS.labels(self.job_id).observe(
+            result.metrics.get("trainer_step_seconds", 0.0)
+        )
         prom.TOKENS_TRAINED.labels(self.job_id).inc(result.metrics.get("tokens", 0.0))
         prom.SAMPLES_TRAINED.labels(self.job_id).inc(result.samples_trained)
         prom.record_step(self.job_id, result.metrics)
@@ -388,11 +390,13 @@ class JobTrainer:
             "samples": float(num_samples),
             "lr": float(alg.lr),
         }
+        # On the training device, in the loss's dtype: the masked counts are then
+        # decided on bit-identical k values (a CPU copy could round k differently).
         out.update(
             mismatch_metrics(
-                logp_old=torch.cat(flat_old).cpu(),
-                logp_infer=torch.cat(flat_infer).cpu(),
-                entropy=torch.cat(flat_entropy).cpu(),
+                logp_old=torch.cat(flat_old),
+                logp_infer=torch.cat(flat_infer),
+                entropy=torch.cat(flat_entropy),
                 alpha=corr.alpha,
                 beta=corr.beta,
             )

@@ -67,6 +67,16 @@ def train_inference_ratio(logp_old: Tensor, logp_infer: Tensor) -> Tensor:
     return torch.exp(logp_old.detach() - logp_infer.detach())
 
 
+def icepop_band(k: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """The tokens IcePop keeps: α ≤ k ≤ β, both boundaries included.
+
+    The loss and the step metrics both decide with this function on the same
+    ``k`` (same dtype), so the reported masked fraction is exactly the share of
+    tokens the loss weighted 0, even for a k that rounds onto α or β.
+    """
+    return (k >= alpha) & (k <= beta)
+
+
 def icepop_weight(k: Tensor, *, alpha: float, beta: float) -> Tensor:
     """IcePop's masking function, detached from the graph.
 
@@ -74,8 +84,7 @@ def icepop_weight(k: Tensor, *, alpha: float, beta: float) -> Tensor:
          = 0   otherwise
     """
     k = k.detach()
-    keep = (k >= alpha) & (k <= beta)
-    return torch.where(keep, k, torch.zeros_like(k))
+    return torch.where(icepop_band(k, alpha=alpha, beta=beta), k, 0.0)
 
 
 def tis_weight(k: Tensor, *, cap: float) -> Tensor:
@@ -229,6 +238,9 @@ def mismatch_metrics(
     - k_mean = (1/N) Σ k
     - masked_entropy = mean of H(π_train) at the tokens outside [α, β]; 0 when none
     """
+    # Which tokens are out of the band is decided on k in the caller's dtype,
+    # exactly as the loss computes it; the averages below are taken in float64.
+    k_native = train_inference_ratio(logp_old, logp_infer).flatten()
     logp_old = logp_old.detach().double().flatten()
     logp_infer = logp_infer.detach().double().flatten()
     n = logp_old.numel()
@@ -245,9 +257,9 @@ def mismatch_metrics(
         }
     log_k = logp_old - logp_infer
     k = log_k.exp()
-    below = k < alpha
-    above = k > beta
-    masked = below | above
+    below = k_native < alpha
+    above = k_native > beta
+    masked = ~icepop_band(k_native, alpha=alpha, beta=beta)
     if entropy is not None and bool(masked.any()):
         masked_entropy = float(entropy.detach().double().flatten()[masked].mean())
     else:

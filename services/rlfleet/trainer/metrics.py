@@ -23,7 +23,9 @@ CHECKPOINT_SECONDS = Histogram(
 TOKENS_TRAINED = Counter(
     "rlfleet_trainer_tokens_trained_total", "Response tokens trained on.", ["job_id"]
 )
-SAMPLES_TRAINED = Counter("rlfleet_trainer_samples_trained_total", "Samples trained on.", ["job_id"])
+SAMPLES_TRAINED = Counter(
+    "rlfleet_trainer_samples_trained_total", "Samples trained on.", ["job_id"]
+)
 POLICY_VERSION = Gauge(
     "rlfleet_trainer_policy_version", "Policy version the trainer holds.", ["job_id"]
 )
