@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint proto bench chaos clean-venv
+.PHONY: demo test lint proto bench bench-quick chaos clean-venv
 
 $(VENV_STAMP): pyproject.toml clients/python/pyproject.toml scripts/install.sh
 	@scripts/install.sh
@@ -36,3 +36,14 @@ clean-venv:
 # default) during a job and print the kills and the final accounting.
 chaos: $(VENV_STAMP)
 	RLFLEET_CHAOS_ROUNDS=$${RLFLEET_CHAOS_ROUNDS:-3} $(PY) -m pytest tests/chaos -s -p no:cacheprovider
+
+# Benchmarks: every bench/*.py against its baseline in one invocation; writes
+# bench/results/README.md (table) and PNG reward curves. TRL and matplotlib come
+# from the `bench` extra.
+bench: $(VENV_STAMP)
+	.venv/bin/pip install -q -e ".[bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) bench/run_all.py --json bench/results/summary.json
+
+bench-quick: $(VENV_STAMP)
+	.venv/bin/pip install -q -e ".[bench]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) bench/run_all.py --quick --json bench/results/summary.json

@@ -320,32 +320,31 @@ class JobTrainer:
         ]
         num_samples = len(samples)
 
-        # θ_old = the weights that produced the rollouts: the training engine's
-        # log-probs of the sampled tokens, without gradient (IcePop's p_train).
-        old, ref = [], []
+        # θ_old = the weights that produced the rollouts. Each TrainStep takes exactly
+        # one optimizer step, so during this pass θ is still θ_old (eval mode: no
+        # dropout) and the log-probs at θ_old are this pass's own, detached: the
+        # same numbers a separate no-grad pass would give, one forward cheaper.
+        # (r = exp(logp_θ − logp_old) is 1 here; clipping matters once several
+        # optimizer steps share one batch.)
         flat_old, flat_infer, flat_entropy = [], [], []
-        with torch.no_grad():
-            for mb in batches:
-                logp_old, entropy = response_logprobs(
-                    model, mb, temperature=temperature, with_entropy=True
-                )
-                old.append(logp_old)
-                flat_old.append(logp_old[mb.valid])
-                flat_infer.append(mb.logp_infer[mb.valid])
-                flat_entropy.append(entropy[mb.valid])
-                if self.ref_model is not None:
-                    ref.append(response_logprobs(self.ref_model, mb, temperature=temperature)[0])
-
         # The loss of each micro-batch is already divided by G (the step's
         # samples), so summed gradients equal the gradient of the step's loss.
         self.optimizer.zero_grad(set_to_none=True)
         loss = policy = kl = 0.0
         clipped = 0
-        for i, mb in enumerate(batches):
-            logp, _ = response_logprobs(model, mb, temperature=temperature)
+        for mb in batches:
+            logp, entropy = response_logprobs(model, mb, temperature=temperature, with_entropy=True)
+            logp_old = logp.detach()
+            flat_old.append(logp_old[mb.valid])
+            flat_infer.append(mb.logp_infer[mb.valid])
+            flat_entropy.append(entropy[mb.valid])
+            logp_ref = None
+            if self.ref_model is not None:
+                with torch.no_grad():
+                    logp_ref = response_logprobs(self.ref_model, mb, temperature=temperature)[0]
             parts = icepop_ppo_loss(
                 logp=logp,
-                logp_old=old[i],
+                logp_old=logp_old,
                 logp_infer=mb.logp_infer,
                 advantages=mb.advantages,
                 valid=mb.valid,
@@ -356,7 +355,7 @@ class JobTrainer:
                 beta=corr.beta,
                 cap=corr.tis_cap,
                 kl_coef=alg.kl_coef,
-                logp_ref=ref[i] if ref else None,
+                logp_ref=logp_ref,
             )
             parts.loss.backward()
             loss += float(parts.loss.detach())

@@ -19,10 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     from prometheus_client import REGISTRY
 
     from rlfleet.common.grpc_server import serve_forever, start_server
-    from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+    from rlfleet.v1 import weightsync_pb2
     from rlfleet.weightsync.metrics import ReplicaCollector
     from rlfleet.weightsync.replicas import setup_replica_registry
-    from rlfleet.weightsync.servicer import WeightSyncServicer
+    from rlfleet.weightsync.servicer import WeightSyncServicer, add_to_server
     from rlfleet.weightsync.store import VersionStore
 
     store = VersionStore(
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     REGISTRY.register(ReplicaCollector(store, registry))
     running = start_server(
         cfg,
-        lambda server: weightsync_pb2_grpc.add_WeightSyncServiceServicer_to_server(
-            WeightSyncServicer(store, registry), server
-        ),
+        lambda server: add_to_server(WeightSyncServicer(store, registry), server),
         service_names=[weightsync_pb2.DESCRIPTOR.services_by_name["WeightSyncService"].full_name],
         max_workers=cfg.grpc_workers,
     )

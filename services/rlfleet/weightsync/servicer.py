@@ -1,8 +1,17 @@
-"""gRPC adapter over ``VersionStore`` and the replica registry; no logic of its own."""
+"""gRPC adapter over ``VersionStore`` and the replica registry; no logic of its own.
+
+PushVersion and PullVersion carry policy versions, gigabytes per call: they
+are registered with pass-through (de)serialisers and move serialised
+WeightChunk frames (``rlfleet.common.weights``), so the service neither parses
+nor re-serialises the data. On the wire nothing changes; clients may use the
+generated stubs or the frame helpers of ``rlfleet.common.weights``.
+"""
 
 from __future__ import annotations
 
 import logging
+
+import grpc
 
 from rlfleet.v1 import common_pb2, weightsync_pb2, weightsync_pb2_grpc
 from rlfleet.weightsync.replicas import ReplicaRegistry
@@ -23,10 +32,12 @@ class WeightSyncServicer(weightsync_pb2_grpc.WeightSyncServiceServicer):
         self.registry = registry
 
     def PushVersion(self, request_iterator, context) -> common_pb2.PolicyVersion:
-        return _policy_version(self.store.push(request_iterator))
+        # request_iterator yields serialised WeightChunks (see add_to_server).
+        return _policy_version(self.store.push_frames(request_iterator))
 
     def PullVersion(self, request: weightsync_pb2.PullVersionRequest, context):
-        stream = self.store.pull(request.job_id, request.version)
+        # Yields serialised WeightChunks (see add_to_server).
+        stream = self.store.pull_frames(request.job_id, request.version)
         logger.debug(
             "serving a version",
             extra={
@@ -62,3 +73,42 @@ class WeightSyncServicer(weightsync_pb2_grpc.WeightSyncServiceServicer):
                 for r in self.registry.list(request.job_id)
             ]
         )
+
+
+SERVICE = "rlfleet.v1.WeightSyncService"
+
+
+def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
+    """The generated ``add_WeightSyncServiceServicer_to_server``, with frames for the two
+    streaming methods: no deserialiser on PushVersion's requests and no serialiser
+    on PullVersion's responses (the servicer takes and yields bytes)."""
+    ws = weightsync_pb2
+    handlers = {
+        "PushVersion": grpc.stream_unary_rpc_method_handler(
+            servicer.PushVersion,
+            request_deserializer=None,
+            response_serializer=common_pb2.PolicyVersion.SerializeToString,
+        ),
+        "PullVersion": grpc.unary_stream_rpc_method_handler(
+            servicer.PullVersion,
+            request_deserializer=ws.PullVersionRequest.FromString,
+            response_serializer=None,
+        ),
+        "GetCurrent": grpc.unary_unary_rpc_method_handler(
+            servicer.GetCurrent,
+            request_deserializer=ws.GetCurrentRequest.FromString,
+            response_serializer=common_pb2.PolicyVersion.SerializeToString,
+        ),
+        "ReportHeld": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportHeld,
+            request_deserializer=ws.ReportHeldRequest.FromString,
+            response_serializer=ws.ReportHeldResponse.SerializeToString,
+        ),
+        "ListReplicas": grpc.unary_unary_rpc_method_handler(
+            servicer.ListReplicas,
+            request_deserializer=ws.ListReplicasRequest.FromString,
+            response_serializer=ws.ListReplicasResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -53,14 +54,23 @@ class Spool:
         # the "job-" prefix keeps "." and ".." from being directory names.
         return self.root / ("job-" + quote(job_id, safe=""))
 
-    def write(self, *, job_id: str, version: int, sha256: str, payload: bytes) -> SpooledVersion:
+    def write(
+        self,
+        *,
+        job_id: str,
+        version: int,
+        sha256: str,
+        parts: Sequence[bytes | memoryview],
+    ) -> SpooledVersion:
+        """Writes the payload made of ``parts`` (in order) as one file, durably."""
         directory = self._job_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
         final = directory / f"v{version:020d}.{sha256}.safetensors"
         tmp = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as fh:
-                fh.write(payload)
+                for part in parts:  # no joined copy of a multi-gigabyte payload
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -68,7 +78,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(directory)
-        return SpooledVersion(job_id, version, sha256, len(payload), final)
+        return SpooledVersion(job_id, version, sha256, sum(len(p) for p in parts), final)
 
     def read(self, entry: SpooledVersion) -> bytes:
         """The payload of ``entry``, verified against the checksum in its name."""

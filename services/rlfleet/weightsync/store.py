@@ -11,6 +11,11 @@ Rules
   current, so a restarted weight-sync serves it again.
 - The newest ``keep_versions`` versions of each job are kept; a replica that
   lags further must take the current one (PullVersion version=0).
+- A version is kept as serialised WeightChunk frames (``weights.encode_frames``),
+  the very frames a push brought when their chunk size is ``chunk_bytes``: a
+  pull then sends them as they are, and no byte of a version is copied in
+  Python between its push and its pulls. The message-based ``push`` / ``pull``
+  are the same operations for callers that hold messages.
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from rlfleet.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from rlfleet.common.weights import CHUNK_BYTES, assemble, iter_chunks
+from rlfleet.common.weights import (
+    CHUNK_BYTES,
+    assemble_pieces,
+    encode_frames,
+    split_frame,
+)
 from rlfleet.v1 import weightsync_pb2
 from rlfleet.weightsync.spool import Spool, SpooledVersion
 
@@ -63,7 +73,10 @@ class VersionInfo:
 @dataclass
 class _Held:
     info: VersionInfo
-    payload: bytes | None  # None: on disk only, read on first pull after a restart
+    # Serialised WeightChunks and views of their data; None: on disk only, read on
+    # the first pull after a restart.
+    frames: tuple[bytes, ...] | None
+    views: tuple[memoryview, ...] | None
     spooled: SpooledVersion | None
 
 
@@ -117,20 +130,20 @@ class VersionStore:
                 if len(job.versions) >= self.keep_versions:
                     self.spool.delete(entry)
                     continue
-                payload = None
+                info = VersionInfo(job_id, entry.version, entry.sha256, entry.num_bytes)
+                held = _Held(info, None, None, entry)
                 if not job.versions:
                     # Read the would-be current version now: a file that fails its
                     # checksum must not become current.
                     try:
-                        payload = self.spool.read(entry)
+                        self._load(held)
                     except DataLoss:
                         # Unusable; removing it also keeps its version number free
                         # for the trainer to push again.
                         logger.exception("dropping a damaged spooled version")
                         self.spool.delete(entry)
                         continue
-                info = VersionInfo(job_id, entry.version, entry.sha256, entry.num_bytes)
-                job.versions[entry.version] = _Held(info, payload, entry)
+                job.versions[entry.version] = held
             current = job.current()
             if current is not None:
                 CURRENT_VERSION.labels(job_id).set(current.info.version)
@@ -143,15 +156,20 @@ class VersionStore:
 
     def push(self, chunks: Iterable[weightsync_pb2.WeightChunk]) -> VersionInfo:
         """Assembles, verifies and stores one version; it becomes current last."""
+        return self.push_frames(chunk.SerializeToString() for chunk in chunks)
+
+    def push_frames(self, frames: Iterable[bytes]) -> VersionInfo:
+        """``push`` for serialised WeightChunks, as PushVersion receives them."""
         start = time.perf_counter()
 
-        def counted() -> Iterator[weightsync_pb2.WeightChunk]:
-            for chunk in chunks:
-                RECEIVED_BYTES.inc(len(chunk.data))
-                yield chunk
+        def pieces():
+            for frame in frames:
+                header, data = split_frame(frame)
+                RECEIVED_BYTES.inc(len(data))
+                yield header, data, frame
 
         try:
-            job_id, version, payload, digest = assemble(counted())
+            got = assemble_pieces(pieces())
         except DataLoss as exc:
             PUSHES.labels("data_loss").inc()
             logger.warning("refused a push: %s", exc.message)
@@ -159,6 +177,7 @@ class VersionStore:
         except InvalidArgument:
             PUSHES.labels("invalid").inc()
             raise
+        job_id, version, digest = got.job_id, got.version, got.sha256
         if not job_id:
             PUSHES.labels("invalid").inc()
             raise InvalidArgument("WeightChunk.job_id is empty")
@@ -187,14 +206,18 @@ class VersionStore:
                 raise FailedPrecondition(
                     f"version {version} of job {job_id} {reason}; versions only move forward"
                 )
-            info = VersionInfo(job_id, version, digest, len(payload))
+            info = VersionInfo(job_id, version, digest, got.num_bytes)
+            if got.chunk_sizes_fit(self.chunk_bytes):
+                frames, views = got.frames, got.views  # served as they came
+            else:
+                frames, views = self._frames(info, got.payload())
             spooled = None
             if self.spool is not None:
                 spooled = self.spool.write(
-                    job_id=job_id, version=version, sha256=digest, payload=payload
+                    job_id=job_id, version=version, sha256=digest, parts=views
                 )
             with job.index_lock:
-                job.versions[version] = _Held(info, payload, spooled)
+                job.versions[version] = _Held(info, frames, views, spooled)
                 dropped = sorted(job.versions)[: -self.keep_versions]
                 evicted = [job.versions.pop(v) for v in dropped]
             for old in evicted:
@@ -205,7 +228,7 @@ class VersionStore:
         PUSH_SECONDS.observe(time.perf_counter() - start)
         logger.info(
             "version is current",
-            extra={"job_id": job_id, "version": version, "num_bytes": len(payload)},
+            extra={"job_id": job_id, "version": version, "num_bytes": info.num_bytes},
         )
         return info
 
@@ -218,8 +241,26 @@ class VersionStore:
             raise NotFound(f"job {job_id!r} has no policy version yet")
         return held.info
 
-    def get(self, job_id: str, version: int = 0) -> tuple[VersionInfo, bytes]:
-        """A held version and its payload; ``version`` 0 means the current one."""
+    def _frames(
+        self, info: VersionInfo, payload: bytes
+    ) -> tuple[tuple[bytes, ...], tuple[memoryview, ...]]:
+        frames = tuple(
+            encode_frames(
+                payload,
+                job_id=info.job_id,
+                version=info.version,
+                sha256=info.sha256,
+                chunk_bytes=self.chunk_bytes,
+            )
+        )
+        return frames, tuple(split_frame(f)[1] for f in frames)
+
+    def _load(self, held: _Held) -> None:
+        """Reads a spooled version back (verifying its checksum) and frames it."""
+        assert held.spooled is not None and self.spool is not None
+        held.frames, held.views = self._frames(held.info, self.spool.read(held.spooled))
+
+    def _held(self, job_id: str, version: int) -> _Held:
         if version < 0:
             raise InvalidArgument(f"version must be >= 0 (0 = current), got {version}")
         job = self._job(job_id)
@@ -233,31 +274,33 @@ class VersionStore:
                     f"version {version} of job {job_id!r} is not held (held: {kept}); "
                     "pull version 0 for the current one"
                 )
-            payload = held.payload
-        if payload is None:
-            assert held.spooled is not None and self.spool is not None
-            payload = self.spool.read(held.spooled)  # verifies the checksum
-            held.payload = payload
-        return held.info, payload
+        if held.views is None:  # set last by _load, so frames are there when views are
+            self._load(held)  # verifies the checksum
+        return held
+
+    def get(self, job_id: str, version: int = 0) -> tuple[VersionInfo, bytes]:
+        """A held version and its payload; ``version`` 0 means the current one."""
+        held = self._held(job_id, version)
+        return held.info, b"".join(held.views)
 
     def pull(self, job_id: str, version: int = 0) -> Iterator[weightsync_pb2.WeightChunk]:
         """The version as WeightChunks; the last carries the sha256 the puller verifies.
 
         Looks the version up at once (NotFound before any chunk is sent).
         """
-        info, payload = self.get(job_id, version)
-        return self._stream(info, payload)
+        frames = self.pull_frames(job_id, version)
+        return (weightsync_pb2.WeightChunk.FromString(f) for f in frames)
 
-    def _stream(self, info: VersionInfo, payload: bytes) -> Iterator[weightsync_pb2.WeightChunk]:
-        for chunk in iter_chunks(
-            payload,
-            job_id=info.job_id,
-            version=info.version,
-            sha256=info.sha256,
-            chunk_bytes=self.chunk_bytes,
-        ):
-            SERVED_BYTES.inc(len(chunk.data))
-            yield chunk
+    def pull_frames(self, job_id: str, version: int = 0) -> Iterator[bytes]:
+        """``pull`` as serialised WeightChunks, as PullVersion sends them."""
+        held = self._held(job_id, version)
+        return self._stream(held.frames, held.views)
+
+    @staticmethod
+    def _stream(frames: tuple[bytes, ...], views: tuple[memoryview, ...]) -> Iterator[bytes]:
+        for frame, view in zip(frames, views, strict=True):
+            SERVED_BYTES.inc(len(view))
+            yield frame
 
     def held_versions(self, job_id: str) -> list[int]:
         job = self._job(job_id)

@@ -1,0 +1,505 @@
+"""Weight sync: a policy version from the trainer to K rollout replicas, against raw loopback TCP.
+
+rlfleet's path, all real: the trainer side encodes a state dict of N parameters
+(``weights.encode_state_dict``, safetensors) and streams it through
+``PushVersion`` to a weight-sync process (``python -m rlfleet.weightsync``,
+versions in memory, no spool); then K puller processes, started beforehand and
+released together, each pull it through ``PullVersion``, join it and check its
+sha256, and call ``ReportHeld``, as a rollout replica does before it swaps
+weights in (they load no model). Two client styles, same server:
+
+- ``stub``: the generated stubs with ``iter_chunks`` / ``assemble`` (messages);
+- ``frames``: ``encode_frames`` + ``push_frames`` / ``pull_version``
+  (serialised chunks, fewer copies; see ``rlfleet.common.weights``).
+
+The headline figures use the style the services' own clients use
+(trainer/publish.py and rollout/core.py are read to find out); the other style
+is measured at K=1 for comparison.
+
+The baseline, in the same run and on the same payload size: one sender process
+writes the payload from memory with ``socket.sendall`` to K receiver processes
+that ``recv_into`` buffers allocated beforehand — plain loopback TCP, no
+framing, no checksum, no copies beyond the kernel's.
+
+Definitions (printed with the figures):
+- push GB/s = bytes / PushVersion seconds; pull GB/s (K=1) = bytes / seconds
+  from the start of PullVersion until the replica has verified the payload and
+  reported it held.
+- frac_of_loopback_k1 = per-hop rate of rlfleet / raw TCP rate, where the
+  per-hop rate is 2 × bytes / (push s + pull s): the version crosses loopback
+  twice (trainer → weight-sync → replica), so this is the harmonic mean of the
+  two hops, each compared with one raw hop.
+- fanout_efficiency_kK = T(1) / T(K), with T(K) the time from releasing the K
+  pullers until the last one holds the version: 1.0 means K replicas are served
+  as fast as one (aggregate rate grows K-fold), 1/K means they are served one
+  after another. The same figure for raw TCP is the machine's own ceiling; on a
+  2-core machine neither can reach 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import _common
+
+HERE = Path(__file__).resolve()
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- child processes
+def puller_main(
+    address: str, job_id: str, version: int, replica: str, max_mb: int, style: str
+) -> None:
+    """A lightweight replica: waits for "go" on stdin, pulls, verifies, reports held."""
+    from rlfleet.common.grpc_client import make_channel
+    from rlfleet.common.weights import assemble, pull_version
+    from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+
+    channel = make_channel(address, max_message_mb=max_mb)
+    stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
+    stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id=job_id), timeout=30)  # connected
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start, cpu = time.time(), time.process_time()
+    request = weightsync_pb2.PullVersionRequest(job_id=job_id, version=version, replica_id=replica)
+    if style == "frames":
+        _, got, payload, _ = pull_version(channel, request, timeout=600)
+    else:
+        _, got, payload, _ = assemble(stub.PullVersion(request, timeout=600))
+    stub.ReportHeld(
+        weightsync_pb2.ReportHeldRequest(replica_id=replica, job_id=job_id, version=got),
+        timeout=30,
+    )
+    end, cpu = time.time(), time.process_time() - cpu
+    print(json.dumps({"start": start, "end": end, "cpu": cpu, "bytes": len(payload)}), flush=True)
+
+
+def tcp_receiver_main(port: int, nbytes: int) -> None:
+    buf = bytearray(nbytes)  # allocated (and zero-filled) before the clock starts
+    view = memoryview(buf)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"r")
+    cpu = time.process_time()
+    got = 0
+    while got < nbytes:
+        n = sock.recv_into(view[got:], min(nbytes - got, 1 << 24))
+        if n == 0:
+            raise SystemExit("sender closed early")
+        got += n
+    sock.sendall(b"d")
+    sock.close()
+    print(json.dumps({"cpu": time.process_time() - cpu}), flush=True)
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(HERE), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+# --------------------------------------------------------------------------- raw TCP
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_tcp(payload: bytes, k: int) -> tuple[float, float]:
+    """(seconds from the first byte sent until all K receivers have every byte,
+    CPU seconds the sender and the receivers used)."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(k)
+    port = server.getsockname()[1]
+    procs = [_spawn(["--tcp-receiver", str(port), str(len(payload))]) for _ in range(k)]
+    try:
+        conns = []
+        for _ in range(k):
+            conn, _addr = server.accept()
+            conn.recv(1)  # the receiver's buffer is allocated
+            conns.append(conn)
+        view = memoryview(payload)
+        start, cpu = time.perf_counter(), time.process_time()
+        threads = [threading.Thread(target=c.sendall, args=(view,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c in conns:
+            c.recv(1)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        for c in conns:
+            c.close()
+        for p in procs:
+            cpu += json.loads(p.stdout.readline())["cpu"]
+    finally:
+        server.close()
+        for p in procs:
+            p.wait(60)
+    return seconds, cpu
+
+
+# --------------------------------------------------------------------------- rlfleet
+def make_state(params: int, dtype: str):
+    import torch
+
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    state, left, i = {}, params, 0
+    while left > 0:
+        n = min(left, 16 * 1024 * 1024)  # ~a 4096 x 4096 matrix per tensor
+        state[f"model.layers.{i}.weight"] = torch.empty(n, dtype=tdtype).uniform_(-0.05, 0.05)
+        left -= n
+        i += 1
+    return state
+
+
+def services_style() -> str:
+    """The client style rlfleet's trainer and rollout replicas use today."""
+    src = _common.REPO_ROOT / "services" / "rlfleet"
+    publish = (src / "trainer" / "publish.py").read_text()
+    rollout = (src / "rollout" / "core.py").read_text()
+    return "frames" if "push_frames" in publish and "pull_version" in rollout else "stub"
+
+
+def pull_round(
+    address: str, job_id: str, version: int, k: int, max_mb: int, style: str
+) -> list[dict]:
+    procs = [
+        _spawn(["--puller", address, job_id, str(version), f"bench-{i}", str(max_mb), style])
+        for i in range(k)
+    ]
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"a puller did not start: {line!r}")
+        for p in procs:  # release them together
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError("a puller died (out of memory?)")
+            results.append(json.loads(line))
+    finally:
+        for p in procs:
+            p.wait(60)
+    return results
+
+
+def run_size(
+    params: int,
+    dtype: str,
+    ks: list[int],
+    *,
+    repeats: int,
+    tmp: Path,
+    max_mb: int,
+    style: str,
+) -> dict:
+    from rlfleet.common.grpc_client import call, make_channel
+    from rlfleet.common.procs import start_service
+    from rlfleet.common.weights import (
+        encode_frames,
+        encode_state_dict,
+        iter_chunks,
+        push_frames,
+        sha256_hex,
+    )
+    from rlfleet.v1 import weightsync_pb2_grpc
+
+    other = "stub" if style == "frames" else "frames"
+    state = make_state(params, dtype)
+    start = time.perf_counter()
+    payload = encode_state_dict(state)
+    encode_s = time.perf_counter() - start
+    del state
+    start = time.perf_counter()
+    digest = sha256_hex(payload)
+    sha_s = time.perf_counter() - start
+    size = len(payload)
+
+    raw, raw_cpu = {}, {}
+    for k in ks:
+        raw[k], raw_cpu[k] = min(raw_tcp(payload, k) for _ in range(repeats))
+
+    run_dir = tmp / f"ws-{params}-{dtype}"
+    ws = start_service(
+        "weightsync",
+        "rlfleet.weightsync",
+        ["--log-format", "json", "--keep-versions", "2", "--max-message-mb", str(max_mb)],
+        run_dir=run_dir,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    try:
+        channel = make_channel(ws.address, max_message_mb=max_mb)
+        stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
+        job = f"bench-{params}-{dtype}"
+
+        # The trainer's push (encoding done above), once per client style:
+        # version 1 in the other style, version 2 in the services' style.
+        def push(data: bytes, timeout: float, version: int, how: str):
+            if how == "frames":
+                frames = encode_frames(data, job_id=job, version=version, sha256=digest)
+                return push_frames(channel, frames, timeout=timeout)
+            chunks = iter_chunks(data, job_id=job, version=version, sha256=digest)
+            return stub.PushVersion(chunks, timeout=timeout)
+
+        push_s, push_cpu = {}, {}
+        for version, how in ((1, other), (2, style)):
+            start, cpu, ws_cpu = time.perf_counter(), time.process_time(), proc_cpu(ws.pid)
+            call(
+                lambda d, timeout, v=version, h=how: push(d, timeout, v, h),
+                payload,
+                timeout=600,
+                deadline=600,
+                retry=False,
+            )
+            push_s[how] = time.perf_counter() - start
+            push_cpu[how] = time.process_time() - cpu + proc_cpu(ws.pid) - ws_cpu
+        del payload  # the trainer is done with it; keep the machine's memory for the pullers
+        channel.close()
+
+        def best_round(version: int, k: int, how: str, n: int) -> dict:
+            best = None
+            for _ in range(n):
+                ws_cpu = proc_cpu(ws.pid)
+                res = pull_round(ws.address, job, version, k, max_mb, how)
+                cpu = proc_cpu(ws.pid) - ws_cpu + sum(r["cpu"] for r in res)
+                assert all(r["bytes"] == size for r in res)
+                t_all = max(r["end"] for r in res) - min(r["start"] for r in res)
+                if best is None or t_all < best["t_all_s"]:
+                    best = {
+                        "t_all_s": t_all,
+                        "per_replica_s": [r["end"] - r["start"] for r in res],
+                        "cpu_s": cpu,
+                    }
+            return best
+
+        pulls = {k: best_round(2, k, style, repeats if k == 1 else 1) for k in ks}
+        other_k1 = best_round(1, 1, other, repeats)
+    finally:
+        ws.stop()
+
+    pull1 = pulls[1]["t_all_s"]
+    raw_rate = size / raw[1]
+    gbs = size / GB
+    # CPU seconds per GB and hop: robust to a busy machine, unlike wall time.
+    cpu_raw = raw_cpu[1] / gbs
+    cpu_push, cpu_pull = push_cpu[style] / gbs, pulls[1]["cpu_s"] / gbs
+    return {
+        "params": params,
+        "dtype": dtype,
+        "bytes": size,
+        "client_style": style,
+        "encode_s": encode_s,
+        "sha256_s": sha_s,
+        "push_s": push_s[style],
+        "push_gb_per_s": size / push_s[style] / GB,
+        "ks": ks,
+        "raw_tcp_s": {str(k): v for k, v in raw.items()},
+        "raw_tcp_gb_per_s_k1": raw_rate / GB,
+        "pull_all_s": {str(k): v["t_all_s"] for k, v in pulls.items()},
+        "pull_per_replica_s": {str(k): v["per_replica_s"] for k, v in pulls.items()},
+        "time_to_all_hold_s": {str(k): push_s[style] + v["t_all_s"] for k, v in pulls.items()},
+        "pull_gb_per_s_k1": size / pull1 / GB,
+        "per_hop_gb_per_s_k1": 2 * size / (push_s[style] + pull1) / GB,
+        "frac_of_loopback_k1": 2 * size / (push_s[style] + pull1) / raw_rate,
+        "fanout_efficiency": {str(k): pull1 / pulls[k]["t_all_s"] for k in ks},
+        "cpu_s_per_gb": {
+            "raw_tcp_hop": cpu_raw,
+            "push_hop": cpu_push,
+            "pull_hop_k1": cpu_pull,
+            "pull_k8_all": pulls[8]["cpu_s"] / gbs if 8 in pulls else None,
+        },
+        "cpu_frac_of_loopback_k1": 2 * cpu_raw / (cpu_push + cpu_pull),
+        # 1.0: each of 8 replicas costs the machine as much CPU as a single one did.
+        "cpu_fanout_linearity_k8": cpu_pull / (pulls[8]["cpu_s"] / gbs / 8) if 8 in pulls else None,
+        "raw_fanout_efficiency": {str(k): raw[1] / raw[k] for k in ks},
+        "other_style": {
+            "client_style": other,
+            "push_s": push_s[other],
+            "pull_s_k1": other_k1["t_all_s"],
+            "frac_of_loopback_k1": 2 * size / (push_s[other] + other_k1["t_all_s"]) / raw_rate,
+            "cpu_frac_of_loopback_k1": 2
+            * cpu_raw
+            / (push_cpu[other] / gbs + other_k1["cpu_s"] / gbs),
+        },
+        "load": _common.load(),
+    }
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fits(params: int, dtype: str, k: int) -> bool:
+    """Peak memory: the trainer side encodes (state + payload + a transient copy), then
+    weight-sync holds one copy and each puller briefly holds two; keep 4 GB spare."""
+    size = params * (4 if dtype == "fp32" else 2)
+    peak = max(3 * size, size + 2 * size * k + size)
+    return peak + 4e9 < mem_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--puller"]:
+        puller_main(argv[1], argv[2], int(argv[3]), argv[4], int(argv[5]), argv[6])
+        return 0
+    if argv[:1] == ["--tcp-receiver"]:
+        tcp_receiver_main(int(argv[1]), int(argv[2]))
+        return 0
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=0, help="K=1 runs per size (best is kept)")
+    p.add_argument("--max-params", type=float, default=0, help="skip sizes above this")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    if args.quick:
+        plan = [(10_000_000, "fp32", [1, 2, 4, 8]), (50_000_000, "fp32", [1, 2, 4, 8])]
+    else:
+        plan = [
+            (10_000_000, "fp32", [1, 2, 4, 8]),
+            (10_000_000, "bf16", [1, 2, 4, 8]),
+            (100_000_000, "fp32", [1, 2, 4, 8]),
+            (100_000_000, "bf16", [1, 2, 4, 8]),
+            (1_000_000_000, "bf16", [1, 2]),
+            (1_000_000_000, "fp32", [1]),
+        ]
+    repeats = args.repeats or 2
+    max_mb = 64
+    style = services_style()
+    print(f"weight-sync bench ({_common.load_note()}); the services' clients use {style!r}")
+    results, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="rlfleet-bench-ws-") as tmp:
+        for params, dtype, ks in plan:
+            if args.max_params and params > args.max_params:
+                continue
+            ks = [k for k in ks if fits(params, dtype, k)]
+            if not ks or ks[0] != 1:
+                skipped.append(f"{params / 1e6:.0f}M {dtype}: not enough free memory")
+                print(f"skipping {params / 1e6:.0f}M {dtype}: not enough free memory")
+                continue
+            r = run_size(
+                params, dtype, ks, repeats=repeats, tmp=Path(tmp), max_mb=max_mb, style=style
+            )
+            results.append(r)
+            print(
+                f"  {params / 1e6:>6.0f}M {dtype}: {r['bytes'] / GB:.2f} GB, encode {r['encode_s']:.2f}s, "
+                f"push {r['push_gb_per_s']:.2f} GB/s, pull {r['pull_gb_per_s_k1']:.2f} GB/s, "
+                f"raw TCP {r['raw_tcp_gb_per_s_k1']:.2f} GB/s; frac {r['frac_of_loopback_k1']:.3f} "
+                f"({r['other_style']['client_style']} clients: "
+                f"{r['other_style']['frac_of_loopback_k1']:.3f}); CPU-s/GB raw hop "
+                f"{r['cpu_s_per_gb']['raw_tcp_hop']:.2f}, push {r['cpu_s_per_gb']['push_hop']:.2f}, "
+                f"pull {r['cpu_s_per_gb']['pull_hop_k1']:.2f} "
+                f"(load {r['load']['loadavg_1m']:.2f})",
+                flush=True,
+            )
+
+    rows = []
+    for r in results:
+        for k in r["ks"]:
+            rows.append(
+                [
+                    f"{r['params'] / 1e6:.0f}M",
+                    r["dtype"],
+                    k,
+                    r["bytes"] / GB,
+                    r["raw_tcp_s"][str(k)],
+                    r["push_s"],
+                    r["pull_all_s"][str(k)],
+                    r["time_to_all_hold_s"][str(k)],
+                    k * r["bytes"] / r["raw_tcp_s"][str(k)] / GB,
+                    k * r["bytes"] / r["pull_all_s"][str(k)] / GB,
+                    r["raw_fanout_efficiency"][str(k)],
+                    r["fanout_efficiency"][str(k)],
+                    r["load"]["loadavg_1m"],
+                ]
+            )
+    print(
+        _common.table(
+            [
+                "params",
+                "dtype",
+                "K",
+                "GB",
+                "raw s",
+                "push s",
+                "pull s",
+                "all hold s",
+                "raw agg GB/s",
+                "pull agg GB/s",
+                "raw fanout",
+                "ours fanout",
+                "load",
+            ],
+            rows,
+        )
+    )
+    # Headline figures: the largest size that ran with K = 1 and K = 8.
+    full = [r for r in results if 8 in r["ks"]]
+    head = max(full, key=lambda r: r["bytes"]) if full else None
+    frac_k1 = head["frac_of_loopback_k1"] if head else None
+    eff_k8 = head["fanout_efficiency"]["8"] if head else None
+    raw_eff_k8 = head["raw_fanout_efficiency"]["8"] if head else None
+    if head:
+        print(
+            f"at {head['params'] / 1e6:.0f}M {head['dtype']} ({head['bytes'] / GB:.2f} GB):\n"
+            f"  frac_of_loopback_k1 = (2 x bytes / (push s + pull s)) / raw TCP rate = {frac_k1:.3f} "
+            f"with {style!r} clients (target >= 0.6); "
+            f"{head['other_style']['frac_of_loopback_k1']:.3f} with "
+            f"{head['other_style']['client_style']!r} clients\n"
+            f"  by CPU time instead of wall time (robust to a busy machine): "
+            f"{head['cpu_frac_of_loopback_k1']:.3f} with {style!r} clients, "
+            f"{head['other_style']['cpu_frac_of_loopback_k1']:.3f} with "
+            f"{head['other_style']['client_style']!r} clients\n"
+            f"  fanout_efficiency_k8 = T_all(K=1) / T_all(K=8) = {eff_k8:.3f} "
+            f"(raw TCP on this machine: {raw_eff_k8:.3f}; 1.0 = eight served as fast as one)\n"
+            f"  CPU per replica at K=8 against K=1 (1.0 = every replica costs the same): "
+            f"{head['cpu_fanout_linearity_k8']:.3f}"
+        )
+    payload = _common.report(
+        "weightsync",
+        quick=args.quick,
+        started=started,
+        frac_of_loopback_k1=round(frac_k1, 4) if frac_k1 is not None else None,
+        fanout_efficiency_k8=round(eff_k8, 4) if eff_k8 is not None else None,
+        raw_fanout_efficiency_k8=round(raw_eff_k8, 4) if raw_eff_k8 is not None else None,
+        headline_size={"params": head["params"], "dtype": head["dtype"]} if head else None,
+        client_style=style,
+        cpu_frac_of_loopback_k1=round(head["cpu_frac_of_loopback_k1"], 4) if head else None,
+        cpu_fanout_linearity_k8=round(head["cpu_fanout_linearity_k8"], 4) if head else None,
+        frac_of_loopback_k1_other_style=round(head["other_style"]["frac_of_loopback_k1"], 4)
+        if head
+        else None,
+        definitions={
+            "frac_of_loopback_k1": "(2 * bytes / (push_s + pull_s at K=1)) / raw TCP bytes/s at K=1",
+            "cpu_frac_of_loopback_k1": "2 * raw TCP CPU-s/GB (sender + receiver) / (push CPU-s/GB "
+            "(trainer side + weight-sync) + pull CPU-s/GB (weight-sync + replica)), K=1",
+            "fanout_efficiency_k8": "T_all(K=1) / T_all(K=8); T_all = release of the pullers "
+            "until the last holds the version (verified, reported)",
+        },
+        sizes=results,
+        skipped=skipped,
+    )
+    _common.write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
