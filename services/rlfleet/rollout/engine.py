@@ -72,6 +72,30 @@ class Sampling:
 ResultCallback = Callable[[SeqResult], None]
 
 
+@dataclass(eq=False)
+class GenerateCall:
+    """One generate() call queued on an engine thread: its sequences, settings and
+    how many results are still out. Shared by the engines that run a batch thread."""
+
+    seqs: Sequence[SeqRequest]
+    sampling: Sampling
+    abort: threading.Event
+    on_result: ResultCallback
+    next_index: int = 0  # first sequence not yet admitted to the batch
+    outstanding: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def deliver(self, result: SeqResult) -> bool:
+        """Hands one result to the caller; True when it was the call's last."""
+        try:
+            self.on_result(result)
+        except Exception:  # noqa: BLE001 - a caller's callback must not stop the engine
+            logger.exception("on_result callback failed", extra={"seq_id": result.seq_id})
+        self.outstanding -= 1
+        return self.outstanding == 0
+
+
 def validate_generate(seqs: Sequence[SeqRequest], sampling: Sampling, *, vocab_size: int) -> None:
     """Raises InvalidArgument with a sentence naming the first bad field.
 

@@ -21,7 +21,6 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from rlfleet.rollout.engine import (
     FINISH_ABORTED,
     FINISH_LENGTH,
     FINISH_STOP,
+    GenerateCall,
     ResultCallback,
     RolloutEngine,
     Sampling,
@@ -58,20 +58,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-@dataclass(eq=False)
-class _Call:
-    """One generate() call: its sequences, settings and how many are still out."""
-
-    seqs: Sequence[SeqRequest]
-    sampling: Sampling
-    abort: threading.Event
-    on_result: ResultCallback
-    next_index: int = 0  # first sequence not yet admitted to the batch
-    outstanding: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
 
 
 class TorchEngine(RolloutEngine):
@@ -105,9 +91,9 @@ class TorchEngine(RolloutEngine):
         # Held for one forward+sample step and for a weight swap: the atomicity unit.
         self._weights_lock = threading.Lock()
         self._cv = threading.Condition()
-        self._pending: deque[_Call] = deque()
+        self._pending: deque[GenerateCall] = deque()
         self._live = 0
-        self._started: set[_Call] = set()  # calls with admitted sequences, not yet done
+        self._started: set[GenerateCall] = set()  # calls with admitted sequences, not yet done
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
         self._thread.start()
@@ -236,7 +222,7 @@ class TorchEngine(RolloutEngine):
                     )
         if not seqs:
             return
-        call = _Call(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
+        call = GenerateCall(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
         with self._cv:
             if self._closed:
                 raise Unavailable("the rollout engine is shutting down")
@@ -343,7 +329,7 @@ class TorchEngine(RolloutEngine):
             self._emit(row, finished=True, reason=reason)
         return rows
 
-    def _new_row(self, call: _Call, seq: SeqRequest) -> Row:
+    def _new_row(self, call: GenerateCall, seq: SeqRequest) -> Row:
         sampling = call.sampling
         limit = sampling.max_new_tokens
         if self._max_positions:
@@ -407,18 +393,13 @@ class TorchEngine(RolloutEngine):
             finish_reason=reason,
             num_prefix_tokens=len(row.req.prefix_token_ids),
         )
-        try:
-            call.on_result(result)
-        except Exception:  # noqa: BLE001 - a caller's callback must not stop the engine
-            logger.exception("on_result callback failed", extra={"seq_id": row.req.seq_id})
-        call.outstanding -= 1
-        if call.outstanding == 0:
+        if call.deliver(result):
             with self._cv:
                 self._started.discard(call)
             call.done.set()
 
 
-def _row(call: _Call, seq: SeqRequest, *, limit: int) -> Row:
+def _row(call: GenerateCall, seq: SeqRequest, *, limit: int) -> Row:
     return Row(
         call,
         seq,

@@ -35,6 +35,7 @@ from rlfleet.rollout.engine import (
     FINISH_ABORTED,
     FINISH_LENGTH,
     FINISH_STOP,
+    GenerateCall,
     ResultCallback,
     RolloutEngine,
     Sampling,
@@ -55,23 +56,10 @@ _VLLM_GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature
 
 
 @dataclass(eq=False)
-class _Call:
-    """One generate() call: its sequences, settings and how many are still out."""
-
-    seqs: Sequence[SeqRequest]
-    sampling: Sampling
-    abort: threading.Event
-    on_result: ResultCallback
-    outstanding: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-
-@dataclass(eq=False)
 class _Seq:
     """A sequence handed to vLLM (or about to be): what it has so far."""
 
-    call: _Call
+    call: GenerateCall
     req: SeqRequest
     tokens: list[int]
     logprobs: list[float]
@@ -149,9 +137,9 @@ class VllmEngine(RolloutEngine):
         self._loading = False
         self._closed = False
         self._cv = threading.Condition()
-        self._pending: deque[_Call] = deque()
+        self._pending: deque[GenerateCall] = deque()
         self._tasks: deque[_Task] = deque()
-        self._started: set[_Call] = set()  # calls with sequences admitted, not yet done
+        self._started: set[GenerateCall] = set()  # calls with sequences admitted, not yet done
         self._live: dict[str, _Seq] = {}  # vLLM request id -> sequence (engine thread only)
         self._request_ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
@@ -238,7 +226,7 @@ class VllmEngine(RolloutEngine):
             )
         if not seqs:
             return
-        call = _Call(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
+        call = GenerateCall(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
         with self._cv:
             if self._closed:
                 raise Unavailable("the rollout engine is shutting down")
@@ -440,12 +428,7 @@ class VllmEngine(RolloutEngine):
             finish_reason=reason,
             num_prefix_tokens=len(seq.req.prefix_token_ids),
         )
-        try:
-            call.on_result(result)
-        except Exception:  # noqa: BLE001 - a caller's callback must not stop the engine
-            logger.exception("on_result callback failed", extra={"seq_id": seq.req.seq_id})
-        call.outstanding -= 1
-        if call.outstanding == 0:
+        if call.deliver(result):
             with self._cv:
                 self._started.discard(call)
             call.done.set()
