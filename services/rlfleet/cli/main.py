@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         "up", help="start Redis and every service as local processes; Ctrl-C stops them"
     )
     up.add_argument("--rollout-replicas", type=int, default=2)
-    up.add_argument("--engine", default="torch", help="rollout engine: torch")
+    up.add_argument(
+        "--engine",
+        default="torch",
+        help="rollout engine: torch, vllm (runs from .venv-vllm) or sim",
+    )
     up.add_argument("--redis-url", default="", help="use this Redis instead of an embedded one")
     up.add_argument(
         "--http-port", type=int, default=8080, help="REST API port (0: a free one; default 8080)"

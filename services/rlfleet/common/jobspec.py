@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 VERIFIERS = ("reasoning_gym", "math", "exact", "regex", "code")
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """True if ``path`` holds a Hugging Face model (config.json); False for any path the
+    filesystem refuses (too long, not a directory, no permission) instead of raising."""
+    try:
+        return (Path(path) / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
 class _Spec(BaseModel):
     # No NaN/inf: a spec must survive a JSON round trip between services.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
@@ -33,8 +42,7 @@ class ModelSpec(_Spec):
 
     def check_exists(self) -> None:
         """Raises ValueError unless the directory holds a Hugging Face model."""
-        p = Path(self.path)
-        if not (p / "config.json").is_file():
+        if not is_model_dir(self.path):
             raise ValueError(
                 f"model.path {self.path!r} is not a Hugging Face model directory (no config.json)"
             )

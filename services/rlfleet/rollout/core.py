@@ -300,4 +300,7 @@ def _drain(results: queue.Queue, flight: _InFlight) -> Iterator[SeqResult]:
 
 
 def _same_path(a: str, b: str) -> bool:
-    return bool(b) and Path(a).resolve() == Path(b).resolve()
+    try:
+        return bool(b) and Path(a).resolve() == Path(b).resolve()
+    except (OSError, ValueError):  # a path the filesystem refuses is not the loaded model
+        return False

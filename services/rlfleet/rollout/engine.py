@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rlfleet.common.errors import InvalidArgument
+from rlfleet.common.jobspec import is_model_dir
 
 if TYPE_CHECKING:  # torch stays out of light imports (config parsing, --help)
     import torch
@@ -70,6 +71,15 @@ class Sampling:
 
 
 ResultCallback = Callable[[SeqResult], None]
+
+
+def require_model_dir(model_path: str) -> None:
+    """Raises InvalidArgument unless ``model_path`` is a Hugging Face model directory."""
+    if not is_model_dir(model_path):
+        raise InvalidArgument(
+            f"model_path {model_path[:200]!r} is not a Hugging Face model directory "
+            "(no config.json there)"
+        )
 
 
 @dataclass(eq=False)

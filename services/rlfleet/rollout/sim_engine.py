@@ -66,7 +66,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from rlfleet.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from rlfleet.common.errors import FailedPrecondition, Unavailable
 from rlfleet.rollout.engine import (
     FINISH_ABORTED,
     FINISH_LENGTH,
@@ -76,6 +76,7 @@ from rlfleet.rollout.engine import (
     Sampling,
     SeqRequest,
     SeqResult,
+    require_model_dir,
     validate_generate,
 )
 
@@ -249,12 +250,8 @@ class SimEngine(RolloutEngine):
     # -- model and weights ----------------------------------------------------------
 
     def load_model(self, model_path: str) -> None:
+        require_model_dir(model_path)
         path = Path(model_path) / "config.json"
-        if not path.is_file():
-            raise InvalidArgument(
-                f"model_path {model_path!r} is not a Hugging Face model directory "
-                "(no config.json there)"
-            )
         config = json.loads(path.read_text())
         eos = config.get("eos_token_id")
         with self._cv:

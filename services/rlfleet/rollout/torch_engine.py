@@ -36,6 +36,7 @@ from rlfleet.rollout.engine import (
     Sampling,
     SeqRequest,
     SeqResult,
+    require_model_dir,
     validate_generate,
 )
 from rlfleet.rollout.kvbatch import KVBatch, Row
@@ -122,12 +123,8 @@ class TorchEngine(RolloutEngine):
             return self._live + sum(len(c.seqs) - c.next_index for c in self._pending)
 
     def load_model(self, model_path: str) -> None:
+        require_model_dir(model_path)
         path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise InvalidArgument(
-                f"model_path {model_path!r} is not a Hugging Face model directory "
-                "(no config.json there)"
-            )
         with self._cv:
             if self._started or self._pending:
                 raise FailedPrecondition(
