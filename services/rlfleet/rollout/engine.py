@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rlfleet.common.errors import InvalidArgument
+from rlfleet.common.errors import InvalidArgument, Unavailable
 from rlfleet.common.jobspec import is_model_dir
 
 if TYPE_CHECKING:  # torch stays out of light imports (config parsing, --help)
@@ -71,6 +71,25 @@ class Sampling:
 
 
 ResultCallback = Callable[[SeqResult], None]
+
+
+def run_on_engine_thread(engine: Any, call: GenerateCall) -> None:
+    """Queues ``call`` for an engine's batch thread and waits until every result is out.
+
+    The engine keeps ``_cv`` (its condition), ``_pending`` (queued calls) and the
+    ``_closed`` / ``_loading`` flags that refuse new work while it shuts down or swaps
+    models; its thread sets ``call.error`` when the batch fails.
+    """
+    with engine._cv:
+        if engine._closed:
+            raise Unavailable("the rollout engine is shutting down")
+        if engine._loading:
+            raise Unavailable("the replica is loading a model; retry shortly")
+        engine._pending.append(call)
+        engine._cv.notify_all()
+    call.done.wait()
+    if call.error is not None:
+        raise call.error
 
 
 def require_model_dir(model_path: str) -> None:

@@ -37,6 +37,7 @@ from rlfleet.rollout.engine import (
     SeqRequest,
     SeqResult,
     require_model_dir,
+    run_on_engine_thread,
     validate_generate,
 )
 from rlfleet.rollout.kvbatch import KVBatch, Row
@@ -219,17 +220,9 @@ class TorchEngine(RolloutEngine):
                     )
         if not seqs:
             return
-        call = GenerateCall(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
-        with self._cv:
-            if self._closed:
-                raise Unavailable("the rollout engine is shutting down")
-            if self._loading:
-                raise Unavailable("the replica is loading a model; retry shortly")
-            self._pending.append(call)
-            self._cv.notify_all()
-        call.done.wait()
-        if call.error is not None:
-            raise call.error
+        run_on_engine_thread(
+            self, GenerateCall(list(seqs), sampling, abort, on_result, outstanding=len(seqs))
+        )
 
     def close(self) -> None:
         with self._cv:
