@@ -17,9 +17,9 @@ What differs, by design of the two systems:
   ``generate`` (static batch: a step decodes until its longest sequence ends,
   finished rows included), reward and training in-process (one torch thread
   by default, ``--trl-threads``: faster than two for this 64-wide model).
-- rlfleet's trainer computes θ_old log-probs in an extra no-grad pass (IcePop's
-  p_train, here k ≈ 1 since both engines are float32); TRL with one iteration
-  per batch takes the current log-probs detached.
+- rlfleet's weights cross processes every step: the trainer publishes each
+  version to weight-sync and every replica pulls and loads it; TRL's generate
+  and training share one model object.
 
 Two jobs: ``arithmetic`` (the demo job, short answers) and ``long_tail`` (a
 model warm-started to sometimes pad its answer with a long run of filler, so a
@@ -28,22 +28,30 @@ outputs). rlfleet runs ``long_tail`` in sync mode and, in the full run, with
 C3PO++ scheduling as well.
 
 Per-step wall time is the time between the ends of consecutive steps (the
-first step, which pays for warm-up, is left out), the median over steps.
+first step, which pays for warm-up, is left out), the median over steps. Each
+step is also split into phases (generation, reward, train, publish, replica
+load, other; ``_vs_trl_phases.py``) for both systems, printed side by side and
+written under ``breakdown``; the targets are judged in ``_vs_trl_verdict.py``,
+and a miss says by how much and in which phases rlfleet is slower.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import _common
+import _vs_trl_cpu as cpu
+import _vs_trl_phases as phases
+import _vs_trl_verdict as verdict
 
 CACHE_DIR = _common.REPO_ROOT / "runs" / "bench-cache"
-SEED = 0
 
 
 # ----------------------------------------------------------------------------- models and jobs
@@ -73,14 +81,18 @@ def long_tail_model() -> Path:
     )
 
 
-def job_spec(model: Path, variant: str, *, quick: bool, mode: str = "sync") -> dict:
+def job_spec(model: Path, variant: str, *, quick: bool, mode: str = "sync", seed: int = 0) -> dict:
     from rlfleet.cli.demo_model import DEMO_PROMPT_TEMPLATE, DEMO_TASK_PARAMS
 
     group_size = 8
-    if variant == "arithmetic":  # the demo job (32 prompts x 8, 40 steps), shorter when quick
-        groups, steps, max_new = (16, 12, 8) if quick else (32, 40, 8)
+    # Steps are cheap next to starting the fleet (~20 s), and reward_last5 and the
+    # median step time need enough steps to mean something: the learning curve
+    # has to flatten before its last five steps, and a median over five steps is
+    # at the mercy of one slow one.
+    if variant == "arithmetic":  # the demo job (32 prompts x 8, 40 steps), smaller when quick
+        groups, steps, max_new = (16, 30, 8) if quick else (32, 40, 8)
     else:
-        groups, steps, max_new = (8, 6, 96) if quick else (16, 16, 96)
+        groups, steps, max_new = (8, 16, 96) if quick else (16, 30, 96)
     return {
         "name": f"bench-vs-trl-{variant}-{mode}",
         "model": {"path": str(model), "dtype": "float32"},
@@ -112,7 +124,7 @@ def job_spec(model: Path, variant: str, *, quick: bool, mode: str = "sync") -> d
         "scheduling": {"mode": mode, "token_budget": groups * group_size * 8},
         "checkpoint": {"every_steps": 0, "keep": 1},
         "steps": steps,
-        "seed": SEED,
+        "seed": seed,
     }
 
 
@@ -152,16 +164,21 @@ def run_rlfleet(spec: dict, run_dir: Path, label: str) -> dict:
     fleet.start()
     try:
         client = SchedulerClient(fleet.scheduler_address)
+        pids = {name: proc.pid for name, proc in fleet.procs.items()}
+        if fleet.redis is not None:
+            pids["redis"] = fleet.redis.pid
+        meter = cpu.StepCpuMeter(pids)
         submitted = time.time()
         job = client.submit(spec)
         while True:
             job = client.get(job.job_id)
+            meter.sample(job.current_step)
             if job.state in TERMINAL_STATES:
                 break
             dead = fleet.dead()
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} exited; see {run_dir}/<service>.log")
-            time.sleep(0.5)
+            time.sleep(0.2)
         records = client.steps(job.job_id)
         client.close()
     finally:
@@ -171,17 +188,28 @@ def run_rlfleet(spec: dict, run_dir: Path, label: str) -> dict:
     records = sorted(records, key=lambda r: r.step)
     ends = [r.finished_at for r in records]
     first_start = ends[0] - records[0].metrics.get("step_seconds", ends[0] - submitted)
+    times = step_times(ends, first_start)
     out = summarise(
         label,
-        step_times(ends, first_start),
+        times,
         [r.metrics.get("reward_mean", 0.0) for r in records],
         [r.metrics.get("response_length_mean", 0.0) for r in records],
         statistics.median(r.metrics.get("samples_trained", 0.0) for r in records),
         time.monotonic() - started,
     )
-    out["phases_s_median"] = {
-        phase: statistics.median(r.metrics.get(f"{phase}_seconds", 0.0) for r in records[1:])
-        for phase in ("rollout", "reward", "train", "sync")
+    out["breakdown"] = phases.summarise(phases.rlfleet_phases(records, times))
+    out["breakdown"]["cpu_s_per_step"] = meter.per_step()
+    steady = records[1:] or records
+    out["generation_detail"] = {
+        "tokens_median": statistics.median(r.metrics.get("tokens_generated", 0.0) for r in steady),
+        "longest_median": statistics.median(
+            r.metrics.get("response_length_max", 0.0) for r in steady
+        ),
+        # Seconds of the rollout phase a replica had no stream open: the imbalance
+        # of whole groups spread over the replicas.
+        "replica_idle_s_median": statistics.median(
+            r.metrics.get("replica_idle_seconds_mean", 0.0) for r in steady
+        ),
     }
     return out
 
@@ -194,10 +222,13 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
     from rlfleet.common.tasks import PromptSource, entry_to_json
     from rlfleet.reward.verifiers.gym import ReasoningGymVerifier
     from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
     started = time.monotonic()
+    # TRL calls transformers' renamed gradient-checkpointing API; not ours to fix.
+    warnings.filterwarnings("ignore", r".*checkpointing.* is deprecated", FutureWarning)
     job = JobSpec.model_validate(spec)
     alg, samp = job.algorithm, job.sampling
     source = PromptSource(job.task)
@@ -213,9 +244,14 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
         "TRL would tokenise prompts differently from rlfleet's scheduler"
     )
     verifier = ReasoningGymVerifier()
+    seen_prompts: list[set[str]] = []  # per step, to check TRL drew rlfleet's prompts
 
-    def reward(completions, entry, **_):
+    def reward(prompts, completions, entry, **_):
+        seen_prompts.append(set(prompts))
         return [verifier.score(c, json.loads(e)) for c, e in zip(completions, entry, strict=True)]
+
+    timers = phases.TrlTimers()
+    meter = cpu.StepCpuMeter({"trl": os.getpid()})
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -228,6 +264,8 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.time())
+            timers.step_end()
+            meter.sample(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
@@ -266,10 +304,12 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to=[],
+        disable_tqdm=True,
         dataloader_num_workers=0,
         log_completions=False,
     )
     torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
     torch.manual_seed(job.seed)
     model = AutoModelForCausalLM.from_pretrained(job.model.path, dtype=torch.float32)
     clock = Clock()
@@ -281,15 +321,36 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
         processing_class=tokenizer,
         callbacks=[clock],
     )
+    trainer.remove_callback(PrinterCallback)  # its per-step log dicts would drown the report
+    timers.install(trainer)
     trainer.train()
-    return summarise(
+    times = step_times(clock.ends, clock.start)
+    out = summarise(
         "trl",
-        step_times(clock.ends, clock.start),
+        times,
         [log["reward"] for log in clock.logs],
         [log.get("completions/mean_length", 0.0) for log in clock.logs],
         batch,
         time.monotonic() - started,
     )
+    out["breakdown"] = phases.summarise(timers.phases(times))
+    out["breakdown"]["cpu_s_per_step"] = meter.per_step()
+    steady = clock.logs[1:] or clock.logs
+    longest = statistics.median(log.get("completions/max_length", 0.0) for log in steady)
+    out["generation_detail"] = {
+        "tokens_median": statistics.median(
+            log.get("completions/mean_length", 0.0) * batch for log in steady
+        ),
+        "longest_median": longest,
+        # HF generate runs a static batch: every row decodes until the longest ends.
+        "decoded_positions_median": longest * batch,
+    }
+    expected = [
+        {p for p, _ in rows[s * alg.prompts_per_step : (s + 1) * alg.prompts_per_step]}
+        for s in range(job.steps)
+    ]
+    out["same_prompts_per_step"] = seen_prompts == expected
+    return out
 
 
 # ----------------------------------------------------------------------------- plots
@@ -330,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads for TRL (1: faster than 2 for a 64-wide model, and steadier on a "
         "shared machine; rlfleet's services run one thread each)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the job's seed (sampling, both systems' torch RNG); prompts stay the same. Both "
+        "systems are deterministic per seed, so other seeds are how to see reward noise",
+    )
     args = p.parse_args(argv)
     started = time.monotonic()
     print(f"rlfleet vs TRL ({_common.load_note()})", flush=True)
@@ -342,70 +410,33 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             modes = ["sync"] + (["c3po"] if variant == "long_tail" and not args.quick else [])
             for mode in modes:
-                spec = job_spec(model, variant, quick=args.quick, mode=mode)
+                spec = job_spec(model, variant, quick=args.quick, mode=mode, seed=args.seed)
                 label = "rlfleet" if mode == "sync" else "rlfleet-c3po"
                 print(
                     f"[{variant}] {label}: {spec['steps']} steps ({_common.load_note()})",
                     flush=True,
                 )
                 runs.append(run_rlfleet(spec, Path(tmp) / f"{variant}-{mode}", label))
-            spec = job_spec(model, variant, quick=args.quick)
+            spec = job_spec(model, variant, quick=args.quick, seed=args.seed)
             print(f"[{variant}] trl: {spec['steps']} steps ({_common.load_note()})", flush=True)
             runs.append(run_trl(spec, Path(tmp) / f"trl-{variant}", threads=args.trl_threads))
-            rows = [
-                [
-                    r["system"],
-                    r["step_s_median"],
-                    r["samples_per_s"],
-                    r["reward_first5"],
-                    r["reward_last5"],
-                    statistics.fmean(r["response_length_mean"]),
-                    r["wall_s"],
-                    r["load"]["loadavg_1m"],
-                ]
-                for r in runs
-            ]
-            print(
-                _common.table(
-                    [
-                        "system",
-                        "s/step",
-                        "samples/s",
-                        "reward 1st5",
-                        "reward last5",
-                        "mean len",
-                        "wall s",
-                        "load",
-                    ],
-                    rows,
-                    title=f"== {variant} ({spec['algorithm']['prompts_per_step']} prompts x "
-                    f"{spec['algorithm']['group_size']}, {spec['steps']} steps, "
-                    f"max {spec['sampling']['max_new_tokens']} new tokens)",
-                )
-            )
-            for r in runs:
-                curve = " ".join(f"{x:.2f}" for x in r["rewards"])
-                print(f"  reward curve {r['system']:<13} {curve}")
-            for r in runs:
-                if "phases_s_median" in r:
-                    phases = ", ".join(f"{k} {v:.2f}s" for k, v in r["phases_s_median"].items())
-                    print(f"  {r['system']} phases (median): {phases}")
-            by = {r["system"]: r for r in runs}
-            ratio = by["trl"]["step_s_median"] / by["rlfleet"]["step_s_median"]
-            print(f"  step_time_ratio_trl_over_rlfleet = {ratio:.3f} (> 1: rlfleet is faster)")
-            report[variant] = {"ratio": ratio, "runs": runs, "spec": spec}
+            report[variant] = show_variant(variant, spec, runs)
             plot(variant, runs, args.plots / f"vs_trl_{variant}.png")
 
+    targets = [v["speed"] for v in report.values()] + [v["reward"] for v in report.values()]
+    print(f"\n== targets ({_common.load_note()})")
+    for t in targets:
+        print(f"  {t['line']}")
+    print(f"  reward rule: {verdict.REWARD_RULE}")
     head = report.get("arithmetic") or next(iter(report.values()))
-    by = {r["system"]: r for r in head["runs"]}
     payload = _common.report(
         "vs_trl",
         quick=args.quick,
         started=started,
         step_time_ratio_trl_over_rlfleet=round(head["ratio"], 4),
         reward_last5={
-            "trl": round(by["trl"]["reward_last5"], 4),
-            "rlfleet": round(by["rlfleet"]["reward_last5"], 4),
+            "trl": round(head["reward"]["trl"], 4),
+            "rlfleet": round(head["reward"]["rlfleet"], 4),
         },
         trl_torch_threads=args.trl_threads,
         step_time_ratio_long_tail=round(report["long_tail"]["ratio"], 4)
@@ -413,10 +444,92 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         definition="step_time_ratio = TRL median s/step / rlfleet median s/step (first step "
         "excluded); reward_last5 = mean reward of the last 5 steps",
+        targets={f"{v}.{k}": report[v][k] for v in report for k in ("speed", "reward")},
+        breakdown={v: {r["system"]: r["breakdown"] for r in report[v]["runs"]} for v in report},
         variants=report,
     )
     _common.write_json(args.json, payload)
     return 0
+
+
+def show_variant(variant: str, spec: dict, runs: list[dict]) -> dict:
+    """Prints one job's table, reward curves, breakdown and verdicts; returns its report."""
+    rows = [
+        [
+            r["system"],
+            r["step_s_median"],
+            r["samples_per_s"],
+            r["reward_first5"],
+            r["reward_last5"],
+            statistics.fmean(r["response_length_mean"]),
+            r["wall_s"],
+            r["load"]["loadavg_1m"],
+        ]
+        for r in runs
+    ]
+    headers = ["system", "s/step", "samples/s", "reward 1st5", "reward last5", "mean len"]
+    alg = spec["algorithm"]
+    print(
+        _common.table(
+            [*headers, "wall s", "load"],
+            rows,
+            title=f"== {variant} ({alg['prompts_per_step']} prompts x {alg['group_size']}, "
+            f"{spec['steps']} steps, max {spec['sampling']['max_new_tokens']} new tokens)",
+        )
+    )
+    for r in runs:
+        curve = " ".join(f"{x:.2f}" for x in r["rewards"])
+        print(f"  reward curve {r['system']:<13} {curve}")
+    by = {r["system"]: r for r in runs}
+    print(phases.table({r["system"]: r["breakdown"] for r in runs}))
+    for r in runs:
+        g = r["generation_detail"]
+        line = (
+            f"  generation, {r['system']}: {g['tokens_median']:.0f} tokens per step, "
+            f"longest {g['longest_median']:.0f}"
+        )
+        if "decoded_positions_median" in g:
+            line += f"; static batch decodes {g['decoded_positions_median']:.0f} positions"
+        if "replica_idle_s_median" in g:
+            line += f"; a replica idle {g['replica_idle_s_median']:.3f}s of the rollout phase"
+        print(line + " (medians)")
+    for r in runs:
+        spent = dict(r["breakdown"]["cpu_s_per_step"])
+        if spent:
+            total = spent.pop("total")
+            parts = ", ".join(f"{n} {v:.3f}" for n, v in sorted(spent.items(), key=lambda x: -x[1]))
+            print(
+                f"  CPU s per step, {r['system']}: {total:.3f}"
+                + (f" ({parts})" if len(spent) > 1 else "")
+            )
+    if not by["trl"]["same_prompts_per_step"]:
+        print("  WARNING: TRL's steps drew other prompts than rlfleet's; the comparison is unfair")
+    ratio = by["trl"]["step_s_median"] / by["rlfleet"]["step_s_median"]
+    print(f"  step_time_ratio_trl_over_rlfleet = {ratio:.3f} (> 1: rlfleet is faster)")
+    cpu_ratio = _cpu_ratio(by["trl"], by["rlfleet"])
+    if cpu_ratio is not None:
+        print(
+            f"  cpu_ratio_trl_over_rlfleet = {cpu_ratio:.3f} (CPU s per step, every process; "
+            "other work on the machine moves it much less than wall time)"
+        )
+    if "rlfleet-c3po" in by:
+        c3po = by["trl"]["step_s_median"] / by["rlfleet-c3po"]["step_s_median"]
+        print(f"  the same ratio with C3PO++ scheduling = {c3po:.3f}")
+    pair = {"rlfleet": by["rlfleet"]["breakdown"], "trl": by["trl"]["breakdown"]}
+    return {
+        "ratio": ratio,
+        "cpu_ratio": cpu_ratio,
+        "speed": verdict.speed(variant, ratio, strict=variant == "long_tail", breakdown=pair),
+        "reward": verdict.reward(variant, by["trl"]["rewards"], by["rlfleet"]["rewards"]),
+        "runs": runs,
+        "spec": spec,
+    }
+
+
+def _cpu_ratio(trl: dict, rlfleet: dict) -> float | None:
+    a = trl["breakdown"]["cpu_s_per_step"].get("total")
+    b = rlfleet["breakdown"]["cpu_s_per_step"].get("total")
+    return a / b if a and b else None
 
 
 if __name__ == "__main__":

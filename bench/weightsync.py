@@ -1,20 +1,20 @@
 """Weight sync: a policy version from the trainer to K rollout replicas, against raw loopback TCP.
 
 rlfleet's path, all real: the trainer side encodes a state dict of N parameters
-(``weights.encode_state_dict``, safetensors) and streams it through
-``PushVersion`` to a weight-sync process (``python -m rlfleet.weightsync``,
-versions in memory, no spool); then K puller processes, started beforehand and
-released together, each pull it through ``PullVersion``, join it and check its
-sha256, and call ``ReportHeld``, as a rollout replica does before it swaps
-weights in (they load no model). Two client styles, same server:
+(``weights.encode_state_dict``, safetensors), takes its checksum and pushes it
+to a weight-sync process (``python -m rlfleet.weightsync``, versions in memory,
+no spool); then K puller processes, started beforehand and released together,
+each pull it, verify its checksum and call ``ReportHeld``, as a rollout replica
+does before it swaps weights in (they load no model). Both sides use
+``WeightSyncClient``, the class the trainer and the replicas use, two ways:
 
-- ``stub``: the generated stubs with ``iter_chunks`` / ``assemble`` (messages);
-- ``frames``: ``encode_frames`` + ``push_frames`` / ``pull_version``
-  (serialised chunks, fewer copies; see ``rlfleet.common.weights``).
+- ``data_plane`` (what the services do): raw bytes over weight-sync's TCP data
+  plane, found through ``GetDataPlane`` (``rlfleet.common.weight_transport``);
+- ``grpc``: PushVersion / PullVersion streams of serialised chunks, what a
+  client without the data plane gets (TLS on, or ``--data-port -1``).
 
-The headline figures use the style the services' own clients use
-(trainer/publish.py and rollout/core.py are read to find out); the other style
-is measured at K=1 for comparison.
+The headline figures use ``data_plane``; ``grpc`` is measured at K=1 beside it.
+Push time includes the checksum (xxh3-128) the trainer computes for each push.
 
 The baseline, in the same run and on the same payload size: one sender process
 writes the payload from memory with ``socket.sendall`` to K receiver processes
@@ -56,30 +56,28 @@ GB = 1e9
 
 # --------------------------------------------------------------------------- child processes
 def puller_main(
-    address: str, job_id: str, version: int, replica: str, max_mb: int, style: str
+    address: str, job_id: str, version: int, replica: str, max_mb: int, style: str, size: int
 ) -> None:
     """A lightweight replica: waits for "go" on stdin, pulls, verifies, reports held."""
-    from rlfleet.common.grpc_client import make_channel
-    from rlfleet.common.weights import assemble, pull_version
-    from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+    from rlfleet.common.weight_transport import alloc_buffer
+    from rlfleet.common.weightsync_client import WeightSyncClient
 
-    channel = make_channel(address, max_message_mb=max_mb)
-    stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
-    stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id=job_id), timeout=30)  # connected
+    client = WeightSyncClient(
+        address, timeout_s=600, max_message_mb=max_mb, use_data_plane=style == "data_plane"
+    )
+    client.data_plane()  # connected, and the data plane looked up, before the clock starts
+    # A replica receives each version into the buffer of the one before (client.release);
+    # this one-shot puller is given that buffer up front, as raw TCP's receivers are theirs.
+    client.buffers.give(alloc_buffer(size))
     print("ready", flush=True)
     sys.stdin.readline()
     start, cpu = time.time(), time.process_time()
-    request = weightsync_pb2.PullVersionRequest(job_id=job_id, version=version, replica_id=replica)
-    if style == "frames":
-        _, got, payload, _ = pull_version(channel, request, timeout=600)
-    else:
-        _, got, payload, _ = assemble(stub.PullVersion(request, timeout=600))
-    stub.ReportHeld(
-        weightsync_pb2.ReportHeldRequest(replica_id=replica, job_id=job_id, version=got),
-        timeout=30,
-    )
+    got = client.pull(job_id=job_id, version=version, replica_id=replica)
+    client.report_held(replica_id=replica, job_id=job_id, version=got.version, address="")
     end, cpu = time.time(), time.process_time() - cpu
-    print(json.dumps({"start": start, "end": end, "cpu": cpu, "bytes": len(payload)}), flush=True)
+    print(
+        json.dumps({"start": start, "end": end, "cpu": cpu, "bytes": len(got.payload)}), flush=True
+    )
 
 
 def tcp_receiver_main(port: int, nbytes: int) -> None:
@@ -165,19 +163,13 @@ def make_state(params: int, dtype: str):
     return state
 
 
-def services_style() -> str:
-    """The client style rlfleet's trainer and rollout replicas use today."""
-    src = _common.REPO_ROOT / "services" / "rlfleet"
-    publish = (src / "trainer" / "publish.py").read_text()
-    rollout = (src / "rollout" / "core.py").read_text()
-    return "frames" if "push_frames" in publish and "pull_version" in rollout else "stub"
-
-
 def pull_round(
-    address: str, job_id: str, version: int, k: int, max_mb: int, style: str
+    address: str, job_id: str, version: int, k: int, max_mb: int, style: str, size: int
 ) -> list[dict]:
     procs = [
-        _spawn(["--puller", address, job_id, str(version), f"bench-{i}", str(max_mb), style])
+        _spawn(
+            ["--puller", address, job_id, str(version), f"bench-{i}", str(max_mb), style, str(size)]
+        )
         for i in range(k)
     ]
     try:
@@ -210,26 +202,19 @@ def run_size(
     max_mb: int,
     style: str,
 ) -> dict:
-    from rlfleet.common.grpc_client import call, make_channel
     from rlfleet.common.procs import start_service
-    from rlfleet.common.weights import (
-        encode_frames,
-        encode_state_dict,
-        iter_chunks,
-        push_frames,
-        sha256_hex,
-    )
-    from rlfleet.v1 import weightsync_pb2_grpc
+    from rlfleet.common.weights import checksum_of, encode_state_dict
+    from rlfleet.common.weightsync_client import WeightSyncClient
 
-    other = "stub" if style == "frames" else "frames"
+    other = "grpc" if style == "data_plane" else "data_plane"
     state = make_state(params, dtype)
     start = time.perf_counter()
     payload = encode_state_dict(state)
     encode_s = time.perf_counter() - start
     del state
     start = time.perf_counter()
-    digest = sha256_hex(payload)
-    sha_s = time.perf_counter() - start
+    checksum_of(payload)
+    checksum_s = time.perf_counter() - start
     size = len(payload)
 
     raw, raw_cpu = {}, {}
@@ -245,39 +230,37 @@ def run_size(
         env={"OMP_NUM_THREADS": "1"},
     )
     try:
-        channel = make_channel(ws.address, max_message_mb=max_mb)
-        stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
         job = f"bench-{params}-{dtype}"
-
-        # The trainer's push (encoding done above), once per client style:
-        # version 1 in the other style, version 2 in the services' style.
-        def push(data: bytes, timeout: float, version: int, how: str):
-            if how == "frames":
-                frames = encode_frames(data, job_id=job, version=version, sha256=digest)
-                return push_frames(channel, frames, timeout=timeout)
-            chunks = iter_chunks(data, job_id=job, version=version, sha256=digest)
-            return stub.PushVersion(chunks, timeout=timeout)
-
-        push_s, push_cpu = {}, {}
-        for version, how in ((1, other), (2, style)):
-            start, cpu, ws_cpu = time.perf_counter(), time.process_time(), proc_cpu(ws.pid)
-            call(
-                lambda d, timeout, v=version, h=how: push(d, timeout, v, h),
-                payload,
-                timeout=600,
-                deadline=600,
-                retry=False,
+        clients = {
+            how: WeightSyncClient(
+                ws.address, timeout_s=600, max_message_mb=max_mb, use_data_plane=how == "data_plane"
             )
-            push_s[how] = time.perf_counter() - start
-            push_cpu[how] = time.process_time() - cpu + proc_cpu(ws.pid) - ws_cpu
+            for how in (style, other)
+        }
+        for client in clients.values():
+            client.data_plane()  # connected and looked up before the clock starts
+
+        # The trainer's pushes (encoding done above, checksum timed). Weight-sync keeps 2
+        # versions and receives a data-plane push into the buffer of a version it dropped:
+        # versions 1-3 warm it up (1 is the cold figure, fresh memory), 4 is the steady
+        # state a trainer pushing every step sees; 5 goes the other way.
+        push_s, push_cpu = {}, {}
+        for version, how in ((1, "cold"), (2, None), (3, None), (4, style), (5, other)):
+            client = clients[other if how == other else style]
+            start, cpu, ws_cpu = time.perf_counter(), time.process_time(), proc_cpu(ws.pid)
+            client.push(job_id=job, version=version, payload=payload, checksum=checksum_of(payload))
+            if how:
+                push_s[how] = time.perf_counter() - start
+                push_cpu[how] = time.process_time() - cpu + proc_cpu(ws.pid) - ws_cpu
         del payload  # the trainer is done with it; keep the machine's memory for the pullers
-        channel.close()
+        for client in clients.values():
+            client.close()
 
         def best_round(version: int, k: int, how: str, n: int) -> dict:
             best = None
             for _ in range(n):
                 ws_cpu = proc_cpu(ws.pid)
-                res = pull_round(ws.address, job, version, k, max_mb, how)
+                res = pull_round(ws.address, job, version, k, max_mb, how, size)
                 cpu = proc_cpu(ws.pid) - ws_cpu + sum(r["cpu"] for r in res)
                 assert all(r["bytes"] == size for r in res)
                 t_all = max(r["end"] for r in res) - min(r["start"] for r in res)
@@ -289,8 +272,8 @@ def run_size(
                     }
             return best
 
-        pulls = {k: best_round(2, k, style, repeats if k == 1 else 1) for k in ks}
-        other_k1 = best_round(1, 1, other, repeats)
+        pulls = {k: best_round(4, k, style, repeats if k == 1 else 1) for k in ks}
+        other_k1 = best_round(5, 1, other, repeats)
     finally:
         ws.stop()
 
@@ -306,8 +289,9 @@ def run_size(
         "bytes": size,
         "client_style": style,
         "encode_s": encode_s,
-        "sha256_s": sha_s,
+        "checksum_s": checksum_s,
         "push_s": push_s[style],
+        "push_cold_s": push_s["cold"],
         "push_gb_per_s": size / push_s[style] / GB,
         "ks": ks,
         "raw_tcp_s": {str(k): v for k, v in raw.items()},
@@ -351,16 +335,17 @@ def mem_available() -> int:
 
 def fits(params: int, dtype: str, k: int) -> bool:
     """Peak memory: the trainer side encodes (state + payload + a transient copy), then
-    weight-sync holds one copy and each puller briefly holds two; keep 4 GB spare."""
+    weight-sync holds two versions and two spare buffers while the trainer's payload
+    lives, and each puller holds one buffer; keep 4 GB spare."""
     size = params * (4 if dtype == "fp32" else 2)
-    peak = max(3 * size, size + 2 * size * k + size)
+    peak = max(3 * size, 5 * size + size * k)
     return peak + 4e9 < mem_available()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--puller"]:
-        puller_main(argv[1], argv[2], int(argv[3]), argv[4], int(argv[5]), argv[6])
+        puller_main(argv[1], argv[2], int(argv[3]), argv[4], int(argv[5]), argv[6], int(argv[7]))
         return 0
     if argv[:1] == ["--tcp-receiver"]:
         tcp_receiver_main(int(argv[1]), int(argv[2]))
@@ -383,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
     repeats = args.repeats or 2
     max_mb = 64
-    style = services_style()
-    print(f"weight-sync bench ({_common.load_note()}); the services' clients use {style!r}")
+    style = "data_plane"
+    print(f"weight-sync bench ({_common.load_note()}); headline: {style!r}, beside it 'grpc'")
     results, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="rlfleet-bench-ws-") as tmp:
         for params, dtype, ks in plan:

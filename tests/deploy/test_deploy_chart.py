@@ -303,6 +303,14 @@ def test_network_policies_admit_only_the_callers():
         "trainer",
     ]
     assert _ingress_sources(policies["rlfleet-scheduler"], "grpc") == [None]
+    # Weight sync's data plane: the trainer pushes, rollout replicas pull; nobody else.
+    assert sorted(_ingress_sources(policies["rlfleet-weightsync"], "data")) == [
+        "rollout",
+        "trainer",
+    ]
+    for name, policy in policies.items():
+        if name != "rlfleet-weightsync":
+            assert _ingress_sources(policy, "data") == [], name
     (redis_rule,) = policies["rlfleet-redis"]["spec"]["ingress"]
     (peer,) = redis_rule["from"]
     assert peer["podSelector"]["matchExpressions"][0]["values"] == list(
@@ -340,6 +348,80 @@ def test_scheduler_serves_the_rest_api_next_to_grpc():
     assert volume["secret"]["secretName"] == "rlfleet-api-tokens"
     (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "api-tokens"]
     assert "subPath" not in mount and mount["readOnly"]
+
+
+def _egress_ports_to(policy: dict, component: str) -> set[int]:
+    return {
+        p["port"]
+        for rule in policy["spec"].get("egress", [])
+        for peer in rule.get("to", [])
+        if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+        == component
+        for p in rule["ports"]
+    }
+
+
+def test_weightsync_serves_its_data_plane_on_a_fixed_port():
+    """Port data (50052) on the container, the flag and the Service, with the same number
+    (clients dial the port weight sync reports on the Service's address); trainer and rollout
+    may reach it, in and out."""
+    for values, fullname in ((None, "rlfleet"), (load_values("ci-values"), "ci-fleet")):
+        objects = render(values)
+        container = _container(objects, "weightsync")
+        assert {"name": "data", "containerPort": 50052, "protocol": "TCP"} in container["ports"]
+        args = container["args"]
+        assert args[args.index("--data-port") + 1] == "50052"
+        ports = {
+            p["name"]: p
+            for p in find(objects, "Service", f"{fullname}-weightsync")["spec"]["ports"]
+        }
+        assert ports["data"]["port"] == 50052 and ports["data"]["targetPort"] == "data"
+        assert ports["data"]["protocol"] == "TCP"
+        for service in ("scheduler", "rollout", "reward", "trainer"):
+            assert "data" not in [p["name"] for p in _container(objects, service)["ports"]]
+            svc = find(objects, "Service", f"{fullname}-{service}")
+            assert "data" not in [p["name"] for p in svc["spec"]["ports"]]
+    # Egress (ci-values restricts it): trainer and rollout reach weight sync's gRPC and data
+    # ports; the scheduler only its gRPC port.
+    policies = {
+        p["metadata"]["name"]: p for p in by_kind(render(load_values("ci-values")), "NetworkPolicy")
+    }
+    for caller in ("trainer", "rollout"):
+        assert _egress_ports_to(policies[f"ci-fleet-{caller}"], "weightsync") == {50051, 50052}
+    assert _egress_ports_to(policies["ci-fleet-scheduler"], "weightsync") == {50051}
+
+    # Another port: the container, the flag, the Service and the egress rules follow.
+    objects = render(
+        {"weightsync": {"dataPort": 6000}, "networkPolicy": {"egress": {"enabled": True}}}
+    )
+    container = _container(objects, "weightsync")
+    assert {"name": "data", "containerPort": 6000, "protocol": "TCP"} in container["ports"]
+    assert container["args"][container["args"].index("--data-port") + 1] == "6000"
+    ports = {p["name"]: p for p in find(objects, "Service", "rlfleet-weightsync")["spec"]["ports"]}
+    assert ports["data"]["port"] == 6000
+    trainer = find(objects, "NetworkPolicy", "rlfleet-trainer")
+    assert _egress_ports_to(trainer, "weightsync") == {50051, 6000}
+
+    # -1: off everywhere (clients use gRPC streams); weight sync is told so.
+    objects = render(
+        {"weightsync": {"dataPort": -1}, "networkPolicy": {"egress": {"enabled": True}}}
+    )
+    container = _container(objects, "weightsync")
+    assert container["args"][container["args"].index("--data-port") + 1] == "-1"
+    assert "data" not in [p["name"] for p in container["ports"]]
+    svc = find(objects, "Service", "rlfleet-weightsync")
+    assert "data" not in [p["name"] for p in svc["spec"]["ports"]]
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    assert _ingress_sources(policies["rlfleet-weightsync"], "data") == []
+    assert _egress_ports_to(policies["rlfleet-trainer"], "weightsync") == {50051}
+
+
+def test_data_port_clashing_with_another_port_is_refused():
+    helm = _helm()
+    with pytest.raises(helm.HelmError, match="weightsync.dataPort"):
+        render({"weightsync": {"dataPort": 50051}})
+    with pytest.raises(helm.HelmError, match="weightsync.dataPort"):
+        render({"weightsync": {"dataPort": 9400}})
 
 
 def test_token_auth_without_token_hashes_is_refused():
@@ -464,6 +546,8 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
         if var.startswith(prefix):
             field = var.removeprefix(prefix).lower()
             assert field in cls.model_fields, f"{service}: {var} sets no setting"
+    if service == "weightsync":
+        assert cfg.data_port == load_values(name).get("weightsync", {}).get("dataPort", 50052)
     if service == "scheduler":
         assert cfg.http_port == 8080
         assert cfg.auth == load_values(name).get("scheduler", {}).get("api", {}).get(
@@ -496,4 +580,6 @@ def test_notes_tell_how_to_reach_the_fleet():
     assert "port-forward svc/rlfleet-scheduler 8080:http" in text
     assert "--token" in notes(load_values("ci-values"))
     assert "WARNING: model.existingClaim is empty" in text
+    assert "data plane on port 50052" in text
+    assert "over gRPC streams" in notes({"weightsync": {"dataPort": -1}})
     assert "WARNING" not in notes(load_values("ci-values"))

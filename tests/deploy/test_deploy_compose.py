@@ -104,6 +104,25 @@ def test_scheduler_publishes_grpc_and_the_rest_api_on_loopback(compose):
     assert scheduler["environment"]["RLFLEET_URL"] == "http://127.0.0.1:8080"
 
 
+def test_weightsync_data_plane_is_reachable_on_the_compose_network_only(compose):
+    """A fixed data port (50052) the trainer and the replicas reach at weightsync:50052, in
+    the same network; not published on the host."""
+    from rlfleet.common.config import load_config
+
+    services = compose["services"]
+    weightsync = services["weightsync"]
+    cfg = load_config(config_class("weightsync"), weightsync["command"][1:])
+    assert cfg.data_port == 50052
+    assert "50052" in [str(p) for p in weightsync.get("expose", [])]
+    assert not weightsync.get("ports"), "the data plane does not encrypt: keep it off the host"
+    networks = set(weightsync.get("networks") or {"default"})
+    for name in ("trainer", "rollout-0", "rollout-1"):
+        assert networks & set(services[name].get("networks") or {"default"}), name
+        command = services[name]["command"]
+        cfg = load_config(config_class(_service_kind(name)), command[1:])
+        assert cfg.weightsync_address == "weightsync:50051"
+
+
 def test_prometheus_scrapes_every_service_metrics_port(compose):
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {

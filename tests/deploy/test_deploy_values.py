@@ -36,6 +36,8 @@ def test_shipped_values_file_matches_the_schema(path):
         ({"rollout": {"engine": "tensorrt"}}, "engine"),
         ({"redis": {"external": {"url": "http://redis:6379"}}}, "url"),
         ({"logFormat": "xml"}, "logFormat"),
+        ({"weightsync": {"dataPort": 0}}, "dataPort"),  # a free port no Service can name
+        ({"weightsync": {"dataPort": 70000}}, "dataPort"),
     ],
 )
 def test_schema_refuses_bad_values(bad, where):

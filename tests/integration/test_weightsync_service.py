@@ -90,7 +90,7 @@ def test_weightsync_over_grpc(service_factory, tmp_path, redis_url):
         current = stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id="job-w"), timeout=10)
         assert current.version == 1
         job_id, version, payload, digest = pull(0)  # a late joiner
-        assert (version, digest) == (1, current.sha256)
+        assert (version, digest) == (1, current.checksum)
         restored = decode_state_dict(payload)
         for name, tensor in _state(1).items():
             assert torch.equal(restored[name], tensor)

@@ -98,6 +98,19 @@ app.kubernetes.io/component: {{ .name }}
 {{- printf "%s.%s.svc:%d" (include "rlfleet.componentName" .) .root.Release.Namespace (int $c.service.grpcPort) }}
 {{- end }}
 
+{{/* Port of weight sync's data plane when it runs ("" when weightsync.dataPort is -1 or
+weight sync is off). Clients learn it from weight sync (GetDataPlane) and dial it on the
+weight-sync Service, so the pod and the Service use the same number. */}}
+{{- define "rlfleet.dataPort" -}}
+{{- $ws := .Values.weightsync }}
+{{- if and $ws.enabled (gt (int $ws.dataPort) 0) }}
+{{- if has (int $ws.dataPort) (list (int .Values.ports.grpc) (int .Values.ports.metrics)) }}
+{{- fail (printf "weightsync.dataPort (%d) must differ from ports.grpc and ports.metrics" (int $ws.dataPort)) }}
+{{- end }}
+{{- int $ws.dataPort }}
+{{- end }}
+{{- end }}
+
 {{/* Stable DNS names of the rollout StatefulSet pods, comma-separated. */}}
 {{- define "rlfleet.rolloutAddresses" -}}
 {{- $name := include "rlfleet.componentName" (dict "root" . "name" "rollout") }}
@@ -222,6 +235,9 @@ match). */}}
 {{- else if eq $name "weightsync" }}
 - --spool-dir
 - {{ $root.Values.weightsync.spool.mountPath | quote }}
+# The weight data plane on a fixed port (the Service exposes it); -1: off.
+- --data-port
+- {{ $root.Values.weightsync.dataPort | quote }}
 {{- end }}
 {{- end }}
 
@@ -343,6 +359,13 @@ spec:
         - name: http
           containerPort: {{ $root.Values.ports.http }}
           protocol: TCP
+        {{- end }}
+        {{- if eq $name "weightsync" }}
+        {{- with include "rlfleet.dataPort" $root }}
+        - name: data
+          containerPort: {{ . }}
+          protocol: TCP
+        {{- end }}
         {{- end }}
       {{- with include "rlfleet.probes" . | trim }}{{ . | nindent 6 }}{{ end }}
       resources:

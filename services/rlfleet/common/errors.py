@@ -104,3 +104,9 @@ def from_rpc_error(err: grpc.RpcError) -> RlfleetError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         cls = Unavailable
     return (cls or RlfleetError)(details or code.name)
+
+
+def from_code_name(name: str, message: str) -> RlfleetError:
+    """A domain error from a status code's name ("DATA_LOSS"), as the weight data plane sends it."""
+    code = getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, RlfleetError)(message)

@@ -17,12 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
-
-from rlfleet.common.errors import DataLoss, FailedPrecondition, InvalidArgument, from_rpc_error
-from rlfleet.common.grpc_client import RETRYABLE, call, make_channel
-from rlfleet.common.weights import assemble, decode_state_dict
+from rlfleet.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from rlfleet.common.weights import decode_state_dict
+from rlfleet.common.weightsync_client import WeightSyncClient
 from rlfleet.rollout import metrics
 from rlfleet.rollout.engine import (
     FINISH_ABORTED,
@@ -32,7 +29,6 @@ from rlfleet.rollout.engine import (
     SeqResult,
     validate_generate,
 )
-from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +98,7 @@ class RolloutCore:
         self._lock = threading.Lock()
         self._inflight: set[_InFlight] = set()
         self._load_lock = threading.Lock()  # one LoadVersion at a time
+        self._weightsync_clients: dict[str, WeightSyncClient] = {}  # used under _load_lock
         metrics.POLICY_VERSION.set(engine.version)
 
     # -- generation -------------------------------------------------------------------
@@ -221,41 +218,36 @@ class RolloutCore:
         )
         return got, seconds
 
+    def _client(self, address: str) -> WeightSyncClient:
+        """One client per weight-sync address, kept: it remembers where the data plane is."""
+        client = self._weightsync_clients.get(address)
+        if client is None:
+            client = self._weightsync_clients[address] = WeightSyncClient(
+                address, timeout_s=self.pull_timeout_s, max_message_mb=self.max_message_mb
+            )
+        return client
+
     def _pull_and_swap(self, address: str, job_id: str, version: int) -> int:
-        request = weightsync_pb2.PullVersionRequest(
-            job_id=job_id, version=version, replica_id=self.replica_id
-        )
-        retrying = Retrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, grpc.RpcError) and e.code() in RETRYABLE
-            ),
-            stop=stop_after_delay(self.pull_timeout_s),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
-            reraise=True,
-        )
+        client = self._client(address)
         try:
-            for attempt in retrying:
-                with attempt, make_channel(address, max_message_mb=self.max_message_mb) as ch:
-                    stub = weightsync_pb2_grpc.WeightSyncServiceStub(ch)
-                    chunks = stub.PullVersion(request, timeout=self.pull_timeout_s)
-                    got_job, got_version, payload, _sha = assemble(chunks)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            got = client.pull(job_id=job_id, version=version, replica_id=self.replica_id)
         except InvalidArgument as exc:  # a malformed stream is weight-sync's fault, not ours
             raise DataLoss(f"weight-sync sent a malformed stream: {exc.message}") from None
-        if got_job != job_id or (version and got_version != version):
+        if got.job_id != job_id or (version and got.version != version):
             raise DataLoss(
-                f"weight-sync served {got_job!r} version {got_version} for a request of "
+                f"weight-sync served {got.job_id!r} version {got.version} for a request of "
                 f"{job_id!r} version {version}"
             )
         try:
-            state = decode_state_dict(payload)
+            state = decode_state_dict(got.payload)
         except Exception as exc:  # noqa: BLE001 - checksum matched, contents did not decode
             raise DataLoss(
-                f"version {got_version} of {job_id!r} is not a safetensors state dict: {exc}"
+                f"version {got.version} of {job_id!r} is not a safetensors state dict: {exc}"
             ) from None
-        self.engine.load_state_dict(state, got_version)
-        return got_version
+        self.engine.load_state_dict(state, got.version)  # copies into the model
+        del state  # views of the received buffer: dropped before the buffer is reused
+        client.release(got)
+        return got.version
 
     def set_address(self, address: str) -> None:
         """The host:port this replica is reached at, reported to weight-sync."""
@@ -264,11 +256,9 @@ class RolloutCore:
 
     def _report_held(self, address: str, job_id: str, version: int) -> None:
         self._address_set.wait(timeout=10.0)
-        request = weightsync_pb2.ReportHeldRequest(
+        self._client(address).report_held(
             replica_id=self.replica_id, job_id=job_id, version=version, address=self.address
         )
-        with make_channel(address, max_message_mb=self.max_message_mb) as ch:
-            call(weightsync_pb2_grpc.WeightSyncServiceStub(ch).ReportHeld, request, timeout=10.0)
 
     # -- status -----------------------------------------------------------------------
 
@@ -285,6 +275,8 @@ class RolloutCore:
     def close(self) -> None:
         self.abort()
         self.engine.close()
+        for client in self._weightsync_clients.values():
+            client.close()
 
 
 def _drain(results: queue.Queue, flight: _InFlight) -> Iterator[SeqResult]:

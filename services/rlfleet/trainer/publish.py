@@ -1,8 +1,9 @@
 """Publishing policy versions to weight-sync.
 
 The trainer encodes its state dict once (``rlfleet.common.weights``) and
-streams it in chunks through ``WeightSyncService.PushVersion``; weight-sync
-verifies the checksum of the last chunk before anything serves it. The
+pushes it with ``WeightSyncClient``: over weight-sync's data plane, or in
+chunks through ``WeightSyncService.PushVersion`` where there is none.
+Weight-sync verifies the checksum before anything serves the version. The
 payload holds every key of ``model.state_dict()`` under its Hugging Face name;
 tensors the model ties together (e.g. ``lm_head.weight`` and the input
 embeddings) are written once per key, so any loader — strict
@@ -20,19 +21,11 @@ from __future__ import annotations
 import abc
 import logging
 
-import grpc
 import torch
 
-from rlfleet.common.errors import from_rpc_error
-from rlfleet.common.grpc_client import call, make_channel
-from rlfleet.common.weights import (
-    assemble,
-    decode_state_dict,
-    encode_state_dict,
-    iter_chunks,
-    sha256_hex,
-)
-from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
+from rlfleet.common.errors import NotFound
+from rlfleet.common.weights import checksum_of, decode_state_dict, encode_state_dict
+from rlfleet.common.weightsync_client import WeightSyncClient
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +47,7 @@ class WeightPublisher(abc.ABC):
 
     @abc.abstractmethod
     def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
-        """Publishes ``model``'s weights as ``version`` of ``job_id``; returns the sha256."""
+        """Publishes ``model``'s weights as ``version`` of ``job_id``; returns the checksum."""
 
     @abc.abstractmethod
     def fetch(self, *, job_id: str, version: int) -> dict[str, torch.Tensor] | None:
@@ -79,7 +72,7 @@ class NoPublisher(WeightPublisher):
 
 
 class GrpcWeightPublisher(WeightPublisher):
-    """Client-streams the version to ``WeightSyncService.PushVersion``."""
+    """Pushes versions to weight-sync (its data plane, or PushVersion streams)."""
 
     def __init__(
         self,
@@ -90,45 +83,37 @@ class GrpcWeightPublisher(WeightPublisher):
         max_message_mb: int = 256,
     ):
         self.address = address
-        self.timeout_s = timeout_s
-        self.deadline_s = deadline_s if deadline_s is not None else 3 * timeout_s
-        self.channel = make_channel(address, max_message_mb=max_message_mb)
-        self.stub = weightsync_pb2_grpc.WeightSyncServiceStub(self.channel)
+        self.client = WeightSyncClient(
+            address,
+            timeout_s=timeout_s,
+            deadline_s=deadline_s if deadline_s is not None else 3 * timeout_s,
+            max_message_mb=max_message_mb,
+        )
 
     def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
         payload = encode_state_dict(exportable_state_dict(model))
-        digest = sha256_hex(payload)
-
-        # A stream can only be sent once, so each attempt builds its chunks anew;
-        # ``call`` retries UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED only.
-        def push(data: bytes, timeout: float):
-            chunks = iter_chunks(data, job_id=job_id, version=version, sha256=digest)
-            return self.stub.PushVersion(chunks, timeout=timeout)
-
-        reply = call(push, payload, timeout=self.timeout_s, deadline=self.deadline_s)
+        checksum = checksum_of(payload)
+        held = self.client.push(job_id=job_id, version=version, payload=payload, checksum=checksum)
         logger.info(
             "published policy version",
             extra={
                 "job_id": job_id,
                 "version": version,
                 "bytes": len(payload),
-                "sha256": digest[:12],
+                "checksum": checksum[:24],
             },
         )
-        return reply.sha256 or digest
+        return held or checksum
 
     def fetch(self, *, job_id: str, version: int) -> dict[str, torch.Tensor] | None:
-        request = weightsync_pb2.PullVersionRequest(job_id=job_id, version=version)
         try:
-            _, got, payload, _ = assemble(self.stub.PullVersion(request, timeout=self.timeout_s))
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise from_rpc_error(exc) from None
-        return decode_state_dict(payload) if got == version else None
+            got = self.client.pull(job_id=job_id, version=version)
+        except NotFound:
+            return None
+        return decode_state_dict(got.payload) if got.version == version else None
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()
 
 
 def setup_publisher(kind: str, *, address: str = "", **kwargs) -> WeightPublisher:

@@ -37,11 +37,11 @@ class Sample(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., group_id: _Optional[str] = ..., step: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., inference_logprobs: _Optional[_Iterable[float]] = ..., token_versions: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., finish_reason: _Optional[str] = ..., completion_text: _Optional[str] = ..., task_json: _Optional[str] = ..., retention: _Optional[int] = ...) -> None: ...
 
 class PolicyVersion(_message.Message):
-    __slots__ = ("version", "sha256", "num_bytes")
+    __slots__ = ("version", "checksum", "num_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
-    sha256: str
+    checksum: str
     num_bytes: int
-    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., checksum: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...

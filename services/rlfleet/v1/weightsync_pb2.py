@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 from rlfleet.v1 import common_pb2 as rlfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlfleet/v1/weightsync.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"\x7f\n\x0bWeightChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\"I\n\x12PullVersionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nreplica_id\x18\x03 \x01(\t\"#\n\x11GetCurrentRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Y\n\x11ReportHeldRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x14\n\x12ReportHeldResponse\"%\n\x13ListReplicasRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x0eReplicaVersion\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0breported_at\x18\x05 \x01(\x01\"D\n\x14ListReplicasResponse\x12,\n\x08replicas\x18\x01 \x03(\x0b\x32\x1a.rlfleet.v1.ReplicaVersion2\x8a\x03\n\x11WeightSyncService\x12\x43\n\x0bPushVersion\x12\x17.rlfleet.v1.WeightChunk\x1a\x19.rlfleet.v1.PolicyVersion(\x01\x12H\n\x0bPullVersion\x12\x1e.rlfleet.v1.PullVersionRequest\x1a\x17.rlfleet.v1.WeightChunk0\x01\x12\x46\n\nGetCurrent\x12\x1d.rlfleet.v1.GetCurrentRequest\x1a\x19.rlfleet.v1.PolicyVersion\x12K\n\nReportHeld\x12\x1d.rlfleet.v1.ReportHeldRequest\x1a\x1e.rlfleet.v1.ReportHeldResponse\x12Q\n\x0cListReplicas\x12\x1f.rlfleet.v1.ListReplicasRequest\x1a .rlfleet.v1.ListReplicasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brlfleet/v1/weightsync.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"\x81\x01\n\x0bWeightChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\"I\n\x12PullVersionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nreplica_id\x18\x03 \x01(\t\"#\n\x11GetCurrentRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Y\n\x11ReportHeldRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x14\n\x12ReportHeldResponse\"%\n\x13ListReplicasRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"k\n\x0eReplicaVersion\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0breported_at\x18\x05 \x01(\x01\"D\n\x14ListReplicasResponse\x12,\n\x08replicas\x18\x01 \x03(\x0b\x32\x1a.rlfleet.v1.ReplicaVersion\"\x15\n\x13GetDataPlaneRequest\"\x19\n\tDataPlane\x12\x0c\n\x04port\x18\x01 \x01(\x05\x32\xd2\x03\n\x11WeightSyncService\x12\x43\n\x0bPushVersion\x12\x17.rlfleet.v1.WeightChunk\x1a\x19.rlfleet.v1.PolicyVersion(\x01\x12H\n\x0bPullVersion\x12\x1e.rlfleet.v1.PullVersionRequest\x1a\x17.rlfleet.v1.WeightChunk0\x01\x12\x46\n\nGetCurrent\x12\x1d.rlfleet.v1.GetCurrentRequest\x1a\x19.rlfleet.v1.PolicyVersion\x12K\n\nReportHeld\x12\x1d.rlfleet.v1.ReportHeldRequest\x1a\x1e.rlfleet.v1.ReportHeldResponse\x12Q\n\x0cListReplicas\x12\x1f.rlfleet.v1.ListReplicasRequest\x1a .rlfleet.v1.ListReplicasResponse\x12\x46\n\x0cGetDataPlane\x12\x1f.rlfleet.v1.GetDataPlaneRequest\x1a\x15.rlfleet.v1.DataPlaneb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlfleet.v1.weightsync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEIGHTCHUNK']._serialized_start=68
-  _globals['_WEIGHTCHUNK']._serialized_end=195
-  _globals['_PULLVERSIONREQUEST']._serialized_start=197
-  _globals['_PULLVERSIONREQUEST']._serialized_end=270
-  _globals['_GETCURRENTREQUEST']._serialized_start=272
-  _globals['_GETCURRENTREQUEST']._serialized_end=307
-  _globals['_REPORTHELDREQUEST']._serialized_start=309
-  _globals['_REPORTHELDREQUEST']._serialized_end=398
-  _globals['_REPORTHELDRESPONSE']._serialized_start=400
-  _globals['_REPORTHELDRESPONSE']._serialized_end=420
-  _globals['_LISTREPLICASREQUEST']._serialized_start=422
-  _globals['_LISTREPLICASREQUEST']._serialized_end=459
-  _globals['_REPLICAVERSION']._serialized_start=461
-  _globals['_REPLICAVERSION']._serialized_end=568
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=570
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=638
-  _globals['_WEIGHTSYNCSERVICE']._serialized_start=641
-  _globals['_WEIGHTSYNCSERVICE']._serialized_end=1035
+  _globals['_WEIGHTCHUNK']._serialized_start=69
+  _globals['_WEIGHTCHUNK']._serialized_end=198
+  _globals['_PULLVERSIONREQUEST']._serialized_start=200
+  _globals['_PULLVERSIONREQUEST']._serialized_end=273
+  _globals['_GETCURRENTREQUEST']._serialized_start=275
+  _globals['_GETCURRENTREQUEST']._serialized_end=310
+  _globals['_REPORTHELDREQUEST']._serialized_start=312
+  _globals['_REPORTHELDREQUEST']._serialized_end=401
+  _globals['_REPORTHELDRESPONSE']._serialized_start=403
+  _globals['_REPORTHELDRESPONSE']._serialized_end=423
+  _globals['_LISTREPLICASREQUEST']._serialized_start=425
+  _globals['_LISTREPLICASREQUEST']._serialized_end=462
+  _globals['_REPLICAVERSION']._serialized_start=464
+  _globals['_REPLICAVERSION']._serialized_end=571
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=573
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=641
+  _globals['_GETDATAPLANEREQUEST']._serialized_start=643
+  _globals['_GETDATAPLANEREQUEST']._serialized_end=664
+  _globals['_DATAPLANE']._serialized_start=666
+  _globals['_DATAPLANE']._serialized_end=691
+  _globals['_WEIGHTSYNCSERVICE']._serialized_start=694
+  _globals['_WEIGHTSYNCSERVICE']._serialized_end=1160
 # @@protoc_insertion_point(module_scope)

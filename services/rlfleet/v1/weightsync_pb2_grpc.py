@@ -61,6 +61,11 @@ class WeightSyncServiceStub:
                 request_serializer=rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasRequest.SerializeToString,
                 response_deserializer=rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasResponse.FromString,
                 _registered_method=True)
+        self.GetDataPlane = channel.unary_unary(
+                '/rlfleet.v1.WeightSyncService/GetDataPlane',
+                request_serializer=rlfleet_dot_v1_dot_weightsync__pb2.GetDataPlaneRequest.SerializeToString,
+                response_deserializer=rlfleet_dot_v1_dot_weightsync__pb2.DataPlane.FromString,
+                _registered_method=True)
 
 
 class WeightSyncServiceServicer:
@@ -68,7 +73,7 @@ class WeightSyncServiceServicer:
     """
 
     def PushVersion(self, request_iterator, context):
-        """The trainer streams one version; the last chunk carries the sha256 of the
+        """The trainer streams one version; the last chunk carries the checksum of the
         concatenated payload. A version whose checksum does not match is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +106,14 @@ class WeightSyncServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDataPlane(self, request, context):
+        """Where the bulk data plane listens: PushVersion and PullVersion over a plain
+        TCP connection (rlfleet.common.weight_transport), for versions of gigabytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightSyncServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_WeightSyncServiceServicer_to_server(servicer, server):
                     servicer.ListReplicas,
                     request_deserializer=rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasRequest.FromString,
                     response_serializer=rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasResponse.SerializeToString,
+            ),
+            'GetDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataPlane,
+                    request_deserializer=rlfleet_dot_v1_dot_weightsync__pb2.GetDataPlaneRequest.FromString,
+                    response_serializer=rlfleet_dot_v1_dot_weightsync__pb2.DataPlane.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class WeightSyncService:
             '/rlfleet.v1.WeightSyncService/ListReplicas',
             rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasRequest.SerializeToString,
             rlfleet_dot_v1_dot_weightsync__pb2.ListReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlfleet.v1.WeightSyncService/GetDataPlane',
+            rlfleet_dot_v1_dot_weightsync__pb2.GetDataPlaneRequest.SerializeToString,
+            rlfleet_dot_v1_dot_weightsync__pb2.DataPlane.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     from prometheus_client import REGISTRY
 
     from rlfleet.common.grpc_server import serve_forever, start_server
+    from rlfleet.common.security import tls_of
     from rlfleet.v1 import weightsync_pb2
+    from rlfleet.weightsync.dataplane import DataPlane
     from rlfleet.weightsync.metrics import ReplicaCollector
     from rlfleet.weightsync.replicas import setup_replica_registry
     from rlfleet.weightsync.servicer import WeightSyncServicer, add_to_server
@@ -32,10 +34,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     registry = setup_replica_registry(cfg.replica_registry, redis_url=cfg.redis_url)
     REGISTRY.register(ReplicaCollector(store, registry))
+    data_plane = None
+    if cfg.data_port == -1:
+        logger.info("weight data plane is off (data_port = -1); clients use gRPC streams")
+    elif tls_of(cfg).serves_tls:
+        logger.warning("weight data plane is off: TLS is on and the data plane does not encrypt")
+    else:
+        data_plane = DataPlane(
+            store, host=cfg.host, port=cfg.data_port, max_version_bytes=cfg.max_version_mb << 20
+        ).start()
+    servicer = WeightSyncServicer(store, registry, data_port=data_plane.port if data_plane else 0)
     running = start_server(
         cfg,
-        lambda server: add_to_server(WeightSyncServicer(store, registry), server),
+        lambda server: add_to_server(servicer, server),
         service_names=[weightsync_pb2.DESCRIPTOR.services_by_name["WeightSyncService"].full_name],
+        ready_info={"data_port": servicer.data_port},
         max_workers=cfg.grpc_workers,
     )
     serve_forever(running)

@@ -26,6 +26,13 @@ class WeightSyncConfig(ServiceConfig):
     replica_registry: Literal["memory", "redis"] = "memory"
     """Where ReportHeld records live: memory, or Redis hashes rlfleet:ws:<job>:replicas
     at redis_url (they survive a restart of weight-sync)."""
+    data_port: int = Field(default=0, ge=-1, le=65535)
+    """TCP port of the weight data plane (pushes and pulls as raw bytes beside gRPC,
+    several times faster for large models); 0 picks a free one, -1 turns it off.
+    It is off when TLS is on: it does not encrypt, so clients then use gRPC."""
+    max_version_mb: int = Field(default=256 * 1024, ge=1)
+    """Largest version the data plane accepts, in MiB; a push announcing more is refused
+    before any byte is sent."""
     grpc_workers: int = Field(default=32, ge=1, le=1024)
     """Threads that serve gRPC calls (each pull or push stream holds one)."""
 

@@ -22,14 +22,15 @@ logger = logging.getLogger(__name__)
 
 def _policy_version(info: VersionInfo) -> common_pb2.PolicyVersion:
     return common_pb2.PolicyVersion(
-        version=info.version, sha256=info.sha256, num_bytes=info.num_bytes
+        version=info.version, checksum=info.checksum, num_bytes=info.num_bytes
     )
 
 
 class WeightSyncServicer(weightsync_pb2_grpc.WeightSyncServiceServicer):
-    def __init__(self, store: VersionStore, registry: ReplicaRegistry):
+    def __init__(self, store: VersionStore, registry: ReplicaRegistry, *, data_port: int = 0):
         self.store = store
         self.registry = registry
+        self.data_port = data_port  # 0: no data plane
 
     def PushVersion(self, request_iterator, context) -> common_pb2.PolicyVersion:
         # request_iterator yields serialised WeightChunks (see add_to_server).
@@ -59,6 +60,9 @@ class WeightSyncServicer(weightsync_pb2_grpc.WeightSyncServiceServicer):
             address=request.address,
         )
         return weightsync_pb2.ReportHeldResponse()
+
+    def GetDataPlane(self, request: weightsync_pb2.GetDataPlaneRequest, context):
+        return weightsync_pb2.DataPlane(port=self.data_port)
 
     def ListReplicas(self, request: weightsync_pb2.ListReplicasRequest, context):
         return weightsync_pb2.ListReplicasResponse(
@@ -108,6 +112,11 @@ def add_to_server(servicer: WeightSyncServicer, server: grpc.Server) -> None:
             servicer.ListReplicas,
             request_deserializer=ws.ListReplicasRequest.FromString,
             response_serializer=ws.ListReplicasResponse.SerializeToString,
+        ),
+        "GetDataPlane": grpc.unary_unary_rpc_method_handler(
+            servicer.GetDataPlane,
+            request_deserializer=ws.GetDataPlaneRequest.FromString,
+            response_serializer=ws.DataPlane.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -1,6 +1,7 @@
 """Versions on disk, so a restarted weight-sync serves the current version again.
 
-Each version is one file ``<root>/job-<quoted job id>/v<version>.<sha256>.safetensors``.
+Each version is one file ``<root>/job-<quoted job id>/v<version>.<algo>-<hex>.safetensors``,
+its checksum in the name (a bare ``<64 hex>`` is sha256, as files were named before).
 It is written to a temporary name, fsynced, renamed into place and the directory
 fsynced, so a file under its final name is always complete: a crash mid-write
 leaves only a temporary file, which the next start removes. The checksum in the
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from rlfleet.common.errors import DataLoss
-from rlfleet.common.weights import sha256_hex
+from rlfleet.common.errors import DataLoss, InvalidArgument
+from rlfleet.common.weights import checksum_algorithm, verify_checksum
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^v(\d{20})\.([0-9a-f]{64})\.safetensors$")
+_NAME = re.compile(r"^v(\d{20})\.(?:([a-z0-9-]+?)-)?([0-9a-f]{16,128})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -31,7 +32,7 @@ _TMP_PREFIX = ".tmp-"
 class SpooledVersion:
     job_id: str
     version: int
-    sha256: str
+    checksum: str
     num_bytes: int
     path: Path
 
@@ -59,13 +60,14 @@ class Spool:
         *,
         job_id: str,
         version: int,
-        sha256: str,
+        checksum: str,
         parts: Sequence[bytes | memoryview],
     ) -> SpooledVersion:
         """Writes the payload made of ``parts`` (in order) as one file, durably."""
         directory = self._job_dir(job_id)
         directory.mkdir(parents=True, exist_ok=True)
-        final = directory / f"v{version:020d}.{sha256}.safetensors"
+        algo, digest = checksum_algorithm(checksum), checksum.rpartition(":")[2]
+        final = directory / f"v{version:020d}.{algo}-{digest}.safetensors"
         tmp = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as fh:
@@ -78,7 +80,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(directory)
-        return SpooledVersion(job_id, version, sha256, sum(len(p) for p in parts), final)
+        return SpooledVersion(job_id, version, checksum, sum(len(p) for p in parts), final)
 
     def read(self, entry: SpooledVersion) -> bytes:
         """The payload of ``entry``, verified against the checksum in its name."""
@@ -88,11 +90,9 @@ class Spool:
             raise DataLoss(
                 f"version {entry.version} of job {entry.job_id} is missing from the spool"
             ) from None
-        if sha256_hex(payload) != entry.sha256:
-            raise DataLoss(
-                f"version {entry.version} of job {entry.job_id} is corrupted on disk "
-                "(checksum mismatch)"
-            )
+        verify_checksum(
+            payload, entry.checksum, what=f"version {entry.version} of job {entry.job_id} on disk"
+        )
         return payload
 
     def delete(self, entry: SpooledVersion) -> None:
@@ -114,7 +114,15 @@ class Spool:
                 if match is None:
                     logger.warning("ignoring a stray spool file", extra={"path": str(path)})
                     continue
+                checksum = f"{match[2]}:{match[3]}" if match[2] else match[3]
+                try:
+                    checksum_algorithm(checksum)
+                except InvalidArgument:
+                    logger.warning(
+                        "ignoring a spool file of unknown checksum", extra={"path": str(path)}
+                    )
+                    continue
                 found.append(
-                    SpooledVersion(job_id, int(match[1]), match[2], path.stat().st_size, path)
+                    SpooledVersion(job_id, int(match[1]), checksum, path.stat().st_size, path)
                 )
         return found

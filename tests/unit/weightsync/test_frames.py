@@ -11,6 +11,7 @@ import os
 
 import grpc
 import pytest
+import torch
 from rlfleet.common.config import ServiceConfig
 from rlfleet.common.errors import DataLoss, InvalidArgument
 from rlfleet.common.grpc_client import make_channel, wait_healthy
@@ -18,11 +19,11 @@ from rlfleet.common.grpc_server import start_server
 from rlfleet.common.weights import (
     assemble,
     assemble_frames,
+    checksum_of,
     encode_frames,
     iter_chunks,
     pull_version,
     push_frames,
-    sha256_hex,
     split_frame,
 )
 from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
@@ -50,7 +51,7 @@ def test_a_frame_is_the_serialised_message():
 
 def test_frames_and_messages_assemble_alike():
     frames = _frames()
-    assert assemble_frames(frames) == ("j", 1, PAYLOAD, sha256_hex(PAYLOAD))
+    assert assemble_frames(frames) == ("j", 1, PAYLOAD, checksum_of(PAYLOAD))
     assert assemble(weightsync_pb2.WeightChunk.FromString(f) for f in frames)[2] == PAYLOAD
     assert assemble_frames(_frames(b""))[2] == b""
 
@@ -116,3 +117,29 @@ def test_generated_stubs_and_frame_helpers_talk_to_each_other(channel):
     with pytest.raises(grpc.RpcError) as info:  # a corrupted push, sent as frames
         push_frames(channel, _frames(version=3)[:-1], timeout=10)
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+def test_in_place_decode_matches_safetensors_for_every_dtype():
+    from rlfleet.common.weight_transport import alloc_buffer
+    from rlfleet.common.weights import decode_state_dict, encode_state_dict
+
+    state = {
+        "f32": torch.randn(3, 4),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "f16": torch.randn(2, 2).to(torch.float16),
+        "i64": torch.arange(6).view(2, 3),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    payload = encode_state_dict(state)
+    received = alloc_buffer(len(payload))  # as the data plane receives it
+    memoryview(received)[:] = payload
+    in_place, copied = decode_state_dict(received), decode_state_dict(payload)
+    assert set(in_place) == set(copied) == set(state)
+    for name, tensor in state.items():
+        assert in_place[name].dtype == copied[name].dtype == tensor.dtype
+        assert torch.equal(in_place[name], tensor) and torch.equal(copied[name], tensor)
+    with pytest.raises(ValueError, match="not a safetensors payload"):
+        decode_state_dict(bytearray(b"\xff" * 16))

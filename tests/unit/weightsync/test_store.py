@@ -7,10 +7,10 @@ import torch
 from rlfleet.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from rlfleet.common.weights import (
     assemble,
+    checksum_of,
     decode_state_dict,
     encode_state_dict,
     iter_chunks,
-    sha256_hex,
 )
 from rlfleet.weightsync.store import VersionStore
 
@@ -39,12 +39,12 @@ def test_push_pull_round_trip_of_a_state_dict(store, make_state_dict):
     state = make_state_dict(0)
     payload = encode_state_dict(state)
     info = _push(store, payload, 0)
-    assert (info.version, info.sha256, info.num_bytes) == (0, sha256_hex(payload), len(payload))
+    assert (info.version, info.checksum, info.num_bytes) == (0, checksum_of(payload), len(payload))
 
     pulled = list(store.pull("job-a", 0))
     assert len(pulled) > 1 and all(len(c.data) <= CHUNK for c in pulled)
     job_id, version, got, digest = assemble(pulled)  # what a replica does
-    assert (job_id, version, digest) == ("job-a", 0, info.sha256)
+    assert (job_id, version, digest) == ("job-a", 0, info.checksum)
     restored = decode_state_dict(got)
     assert restored.keys() == state.keys()
     for name, tensor in state.items():
