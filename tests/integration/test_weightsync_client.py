@@ -29,7 +29,9 @@ def test_client_uses_the_data_plane_and_grpc_clients_see_the_same_versions(servi
     try:
         assert fast.data_plane() is not None and grpc_only.data_plane() is None
         a, b = _payload(1), _payload(2)
-        assert fast.push(job_id="j", version=1, payload=a, checksum=checksum_of(a)) == checksum_of(a)
+        assert fast.push(job_id="j", version=1, payload=a, checksum=checksum_of(a)) == checksum_of(
+            a
+        )
         got = grpc_only.pull(job_id="j", version=0)
         assert (got.version, got.payload, got.checksum) == (1, a, checksum_of(a))
         grpc_only.push(job_id="j", version=2, payload=b, checksum=checksum_of(b))

@@ -159,9 +159,7 @@ def test_a_data_plane_version_survives_a_restart_through_the_spool(tmp_path, pay
     assert (info.version, payload) == (3, payloads[0])
 
 
-def test_a_dropped_version_lends_its_buffer_to_the_next_push_but_not_while_read(
-    served, payloads
-):
+def test_a_dropped_version_lends_its_buffer_to_the_next_push_but_not_while_read(served, payloads):
     store, address = served  # keeps 2 versions; the three payloads have the same size
     _push(address, payloads[0], 1)
     _push(address, payloads[1], 2)
