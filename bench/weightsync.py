@@ -272,7 +272,7 @@ def run_size(
                     }
             return best
 
-        pulls = {k: best_round(4, k, style, repeats if k == 1 else 1) for k in ks}
+        pulls = {k: best_round(4, k, style, repeats) for k in ks}
         other_k1 = best_round(5, 1, other, repeats)
     finally:
         ws.stop()

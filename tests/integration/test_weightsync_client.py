@@ -41,6 +41,10 @@ def test_client_uses_the_data_plane_and_grpc_clients_see_the_same_versions(servi
             fast.push(job_id="j", version=2, payload=a, checksum=checksum_of(a))
         with pytest.raises(NotFound, match="not held"):
             fast.pull(job_id="j", version=9)
+        # A released version's buffer receives the next pull (no fresh memory to touch).
+        fast.release(got)
+        again = fast.pull(job_id="j", version=2)
+        assert again.payload is got.payload and bytes(again.payload) == b
     finally:
         fast.close()
         grpc_only.close()

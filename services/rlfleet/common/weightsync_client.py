@@ -145,7 +145,7 @@ class WeightSyncClient:
                         parts=[payload],
                         checksum=checksum,
                         timeout=self.timeout_s,
-                    )  # fmt: skip
+                    )
                 )
                 return str(reply["checksum"])
             frames = encode_frames(payload, job_id=job_id, version=version, checksum=checksum)
@@ -165,7 +165,8 @@ class WeightSyncClient:
                         version=version,
                         replica_id=replica_id,
                         timeout=self.timeout_s,
-                    )  # fmt: skip
+                        buffers=self.buffers,
+                    )
                 )
                 return Version(got.job_id, got.version, got.payload, got.checksum)
             request = weightsync_pb2.PullVersionRequest(

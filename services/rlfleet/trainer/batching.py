@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from rlfleet.common.errors import InvalidArgument
-from rlfleet.trainer.losses import token_entropy
 from rlfleet.v1.common_pb2 import Sample
 
 
@@ -154,12 +153,13 @@ def response_logprobs(
     batch: MicroBatch,
     *,
     temperature: float,
-    with_entropy: bool = False,
+    with_logp_all: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | prefix) = log_softmax(logits / T)[y_t] at every response position.
 
     Returns ``[B, T]`` log-probs (float32; 0 on padding) and, if asked, the
-    entropy of the same distribution at each position.
+    ``[B, T, V]`` log-probs over the vocabulary they were taken from (for
+    ``losses.token_entropy`` at the positions that need it).
     """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits  # [B, L, V]
@@ -168,7 +168,4 @@ def response_logprobs(
     logp_all = torch.log_softmax(scored, dim=-1)
     logp = torch.gather(logp_all, -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(batch.valid, logp, torch.zeros_like(logp))
-    entropy = None
-    if with_entropy:
-        entropy = token_entropy(logp_all.detach())
-    return logp, entropy
+    return logp, logp_all if with_logp_all else None

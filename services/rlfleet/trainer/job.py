@@ -33,7 +33,14 @@ from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer import metrics as prom
 from rlfleet.trainer.batching import TrainSample, micro_batches, response_logprobs, to_train_sample
 from rlfleet.trainer.checkpoint import CheckpointStore
-from rlfleet.trainer.losses import group_advantages, icepop_ppo_loss, mismatch_metrics
+from rlfleet.trainer.losses import (
+    group_advantages,
+    icepop_band,
+    icepop_ppo_loss,
+    mismatch_metrics,
+    token_entropy,
+    train_inference_ratio,
+)
 from rlfleet.trainer.publish import WeightPublisher
 from rlfleet.trainer.state import StepResult, TrainerStore
 
@@ -333,10 +340,19 @@ class JobTrainer:
         loss = policy = kl = 0.0
         clipped = 0
         for mb in batches:
-            logp, entropy = response_logprobs(model, mb, temperature=temperature, with_entropy=True)
+            logp, logp_all = response_logprobs(
+                model, mb, temperature=temperature, with_logp_all=True
+            )
             logp_old = logp.detach()
             flat_old.append(logp_old[mb.valid])
             flat_infer.append(mb.logp_infer[mb.valid])
+            # The entropy metric is of the tokens IcePop masks (few): summing over the
+            # vocabulary at every token instead cost more than a tiny model's step.
+            k = train_inference_ratio(logp_old, mb.logp_infer)
+            masked = mb.valid & ~icepop_band(k, alpha=corr.alpha, beta=corr.beta)
+            entropy = torch.zeros_like(logp_old)
+            if bool(masked.any()):
+                entropy[masked] = token_entropy(logp_all.detach()[masked]).to(entropy.dtype)
             flat_entropy.append(entropy[mb.valid])
             logp_ref = None
             if self.ref_model is not None:

@@ -12,6 +12,7 @@ from rlfleet.trainer.batching import (
     response_logprobs,
     to_train_sample,
 )
+from rlfleet.trainer.losses import token_entropy
 from rlfleet.v1.common_pb2 import Sample
 
 
@@ -95,7 +96,10 @@ def test_padded_logprobs_equal_single_sequence_logprobs(model):
     assert sorted(r for mb in batches for r in mb.rows) == [0, 1, 2, 3]
     with torch.no_grad():
         for mb in batches:
-            logp, entropy = response_logprobs(model, mb, temperature=temperature, with_entropy=True)
+            logp, logp_all = response_logprobs(
+                model, mb, temperature=temperature, with_logp_all=True
+            )
+            entropy = token_entropy(logp_all)
             for b, row in enumerate(mb.rows):
                 s = samples[row]
                 ids = torch.tensor([list(s.prompt_ids + s.completion_ids)])
