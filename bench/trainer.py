@@ -55,7 +55,7 @@ PHASES: list[tuple[str, str, str, bool]] = [
     ("advantages (group_advantages)", "trainer/losses.py", "group_advantages", False),
     ("collation (micro_batches)", "trainer/batching.py", "micro_batches", False),
     ("forward + log-probs (response_logprobs)", "trainer/batching.py", "response_logprobs", False),
-    ("  of which entropy (token_entropy)", "trainer/losses.py", "token_entropy", True),
+    ("entropy at masked tokens (token_entropy)", "trainer/losses.py", "token_entropy", False),
     ("loss (icepop_ppo_loss)", "trainer/losses.py", "icepop_ppo_loss", False),
     ("backward", "~", "run_backward", False),
     ("clipping (clip_grad_norm_)", "torch/nn/utils/clip_grad.py", "clip_grad_norm_", False),
