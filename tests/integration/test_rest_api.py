@@ -91,6 +91,7 @@ def test_killed_scheduler_resumes_and_the_stream_follows(service_factory, redis_
     assert final.state == "succeeded", final.reason
     assert final.current_step == 3 and final.policy_version == 3
     assert [s.step for s in client.steps(job.id)] == [0, 1, 2]
+    assert [s.step for s in client.steps(job.id, page_size=2)] == [0, 1, 2]  # two pages
     # The job continued from step 1: step 0 was trained once, under the first process.
     trained = [step for _, step, _ in scripted.trainer.steps]
     assert trained.count(0) == 1 and trained[-1] == 2

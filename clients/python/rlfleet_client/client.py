@@ -133,11 +133,20 @@ class RlfleetClient:
     def get_job(self, job_id: str) -> Job:
         return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}", retry=True))
 
-    def steps(self, job_id: str, *, since_step: int = 0) -> list[StepRecord]:
-        data = self._request(
-            "GET", f"/v1/jobs/{job_id}/steps", params={"since_step": since_step}, retry=True
-        )
-        return [StepRecord.model_validate(s) for s in data["steps"]]
+    def steps(self, job_id: str, *, since_step: int = 0, page_size: int = 1000) -> list[StepRecord]:
+        """Every recorded step from ``since_step`` on, fetched a page at a time."""
+        out: list[StepRecord] = []
+        start: int | None = since_step
+        while start is not None:
+            data = self._request(
+                "GET",
+                f"/v1/jobs/{job_id}/steps",
+                params={"since_step": start, "limit": page_size},
+                retry=True,
+            )
+            out += [StepRecord.model_validate(s) for s in data["steps"]]
+            start = data.get("next_since_step")
+        return out
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         data = self._request("GET", f"/v1/jobs/{job_id}/checkpoints", retry=True)

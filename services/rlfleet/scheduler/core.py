@@ -118,8 +118,10 @@ class SchedulerCore:
         self._refresh_gauges()
         return job
 
-    def steps(self, job_id: str, *, since_step: int = 0) -> list[StepRecord]:
-        return self.store.steps(job_id, since_step=since_step)
+    def steps(
+        self, job_id: str, *, since_step: int = 0, limit: int | None = None
+    ) -> list[StepRecord]:
+        return self.store.steps(job_id, since_step=since_step, limit=limit)
 
     # -- worker ---------------------------------------------------------------
 

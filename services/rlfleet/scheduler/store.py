@@ -140,11 +140,15 @@ class JobStore:
             pipe.zcard(self._state_key(state))
         return dict(zip(JobState, (int(n) for n in pipe.execute()), strict=True))
 
-    def steps(self, job_id: str, *, since_step: int = 0) -> list[StepRecord]:
+    def steps(
+        self, job_id: str, *, since_step: int = 0, limit: int | None = None
+    ) -> list[StepRecord]:
+        """Step records from ``since_step`` on, at most ``limit`` of them (None: all)."""
         if since_step < 0:
             raise InvalidArgument(f"since_step must not be negative (got {since_step})")
         self.get(job_id)  # NotFound for an unknown job rather than an empty list
-        raw = self.r.lrange(self._steps_key(job_id), since_step, -1)
+        last = -1 if limit is None else since_step + limit - 1
+        raw = self.r.lrange(self._steps_key(job_id), since_step, last)
         return [StepRecord.model_validate_json(r) for r in raw]
 
     # -- changes -------------------------------------------------------------

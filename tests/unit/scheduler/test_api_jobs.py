@@ -64,8 +64,12 @@ def test_submit_run_and_inspect(api, spec_of):
     steps = api.get(f"/v1/jobs/{job['id']}/steps").json()["steps"]
     assert [s["step"] for s in steps] == [0, 1]
     assert steps[0]["metrics"]["loss"] == 0.25 and steps[0]["finished_at"] > 0
-    later = api.get(f"/v1/jobs/{job['id']}/steps", params={"since_step": 1}).json()["steps"]
-    assert [s["step"] for s in later] == [1]
+    later = api.get(f"/v1/jobs/{job['id']}/steps", params={"since_step": 1}).json()
+    assert [s["step"] for s in later["steps"]] == [1] and later["next_since_step"] is None
+    page = api.get(f"/v1/jobs/{job['id']}/steps", params={"limit": 1}).json()
+    assert [s["step"] for s in page["steps"]] == [0] and page["next_since_step"] == 1
+    too_many = api.get(f"/v1/jobs/{job['id']}/steps", params={"limit": 10_001})
+    assert too_many.status_code == 422 and "limit" in too_many.text
 
     done = api.post(f"/v1/jobs/{job['id']}:cancel")
     assert done.status_code == 409 and "already succeeded" in done.json()["detail"]

@@ -101,9 +101,15 @@ def get_steps(
     job_id: JobId,
     core: Core,
     since_step: Annotated[int, Query(ge=0, description="First step to return.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Most steps per page.")] = 1000,
 ) -> StepList:
-    """Every recorded step from `since_step` on, with its metrics."""
-    return StepList(steps=[step_out(r) for r in core.steps(job_id, since_step=since_step)])
+    """Recorded steps from `since_step` on with their metrics, a page at a time."""
+    records = core.steps(job_id, since_step=since_step, limit=limit + 1)  # one more: is there?
+    more = len(records) > limit
+    return StepList(
+        steps=[step_out(r) for r in records[:limit]],
+        next_since_step=since_step + limit if more else None,
+    )
 
 
 @router.post(

@@ -63,6 +63,9 @@ class StepOut(_Out):
 
 class StepList(_Out):
     steps: list[StepOut]
+    next_since_step: int | None = None
+    """Where the next page starts (pass it as `since_step`); null when this page holds the
+    latest recorded step."""
 
 
 class CheckpointOut(_Out):
