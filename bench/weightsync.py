@@ -1,7 +1,9 @@
 """Weight sync: a policy version from the trainer to K rollout replicas, against raw loopback TCP.
 
 rlfleet's path, all real: the trainer side encodes a state dict of N parameters
-(``weights.encode_state_dict``, safetensors), takes its checksum and pushes it
+(``weights.encode_state_dict``, safetensors; the trainer's own encoder, which
+writes into the buffer of its previous version, is timed beside it as
+``encode_into_s``), takes its checksum and pushes it
 to a weight-sync process (``python -m rlfleet.weightsync``, versions in memory,
 no spool); then K puller processes, started beforehand and released together,
 each pull it, verify its checksum and call ``ReportHeld``, as a rollout replica
@@ -203,7 +205,8 @@ def run_size(
     style: str,
 ) -> dict:
     from rlfleet.common.procs import start_service
-    from rlfleet.common.weights import checksum_of, encode_state_dict
+    from rlfleet.common.weight_transport import BufferPool
+    from rlfleet.common.weights import checksum_of, encode_state_dict, encode_state_dict_into
     from rlfleet.common.weightsync_client import WeightSyncClient
 
     other = "grpc" if style == "data_plane" else "data_plane"
@@ -211,7 +214,13 @@ def run_size(
     start = time.perf_counter()
     payload = encode_state_dict(state)
     encode_s = time.perf_counter() - start
-    del state
+    # The trainer's encoder writes into the payload buffer of its previous version.
+    pool = BufferPool()
+    pool.give(encode_state_dict_into(state, pool.take))
+    start = time.perf_counter()
+    encode_state_dict_into(state, pool.take)
+    encode_into_s = time.perf_counter() - start
+    del state, pool
     start = time.perf_counter()
     checksum_of(payload)
     checksum_s = time.perf_counter() - start
@@ -289,6 +298,7 @@ def run_size(
         "bytes": size,
         "client_style": style,
         "encode_s": encode_s,
+        "encode_into_s": encode_into_s,
         "checksum_s": checksum_s,
         "push_s": push_s[style],
         "push_cold_s": push_s["cold"],
@@ -385,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             results.append(r)
             print(
-                f"  {params / 1e6:>6.0f}M {dtype}: {r['bytes'] / GB:.2f} GB, encode {r['encode_s']:.2f}s, "
+                f"  {params / 1e6:>6.0f}M {dtype}: {r['bytes'] / GB:.2f} GB, encode {r['encode_s']:.2f}s "
+                f"(trainer's, steady: {r['encode_into_s']:.3f}s), "
                 f"push {r['push_gb_per_s']:.2f} GB/s, pull {r['pull_gb_per_s_k1']:.2f} GB/s, "
                 f"raw TCP {r['raw_tcp_gb_per_s_k1']:.2f} GB/s; frac {r['frac_of_loopback_k1']:.3f} "
                 f"({r['other_style']['client_style']} clients: "

@@ -100,12 +100,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def recv_into_all(sock: socket.socket, view: memoryview) -> None:
-    """Fills ``view`` from the socket; a connection that ends early is a torn transfer."""
+    """Fills ``view`` from the socket.
+
+    A connection that ends early raises ConnectionResetError: the peer went away (a
+    restart, a kill), which clients retry as UNAVAILABLE; nothing half-received is used.
+    """
     got, total = 0, len(view)
     while got < total:
         n = sock.recv_into(view[got:], min(total - got, RECV_SLICE))
         if n == 0:
-            raise DataLoss(f"the connection closed after {got} of {total} bytes (torn transfer)")
+            raise ConnectionResetError(f"the connection closed after {got} of {total} bytes")
         got += n
 
 

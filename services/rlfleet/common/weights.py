@@ -33,7 +33,7 @@ import hashlib
 import json
 import mmap
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,46 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
+_SAFETENSORS_NAMES = {attr: name for name, attr in _SAFETENSORS_DTYPES.items()}
+
+
+def encode_state_dict_into(
+    state: dict[str, torch.Tensor], alloc: Callable[[int], Buffer]
+) -> Buffer:
+    """``encode_state_dict``, written into memory from ``alloc(num_bytes)``: each tensor
+    is copied once, straight from where it lies (a GPU included), into the payload.
+
+    The trainer publishes every step, and a fresh payload each time costs more than its
+    transfer (``weight_transport.alloc_buffer``); given a pool's ``take``, steady-state
+    publishing touches no new memory. The layout is safetensors' own (header padded to
+    8 bytes, larger dtypes first so every tensor is aligned), and safetensors reads it.
+    """
+    import torch
+
+    tensors = sorted(state.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header, offset = {}, 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        dtype = _SAFETENSORS_NAMES[str(t.dtype).removeprefix("torch.")]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    buf = alloc(8 + len(head) + offset)
+    view = memoryview(buf).cast("B")
+    struct.pack_into("<Q", view, 0, len(head))
+    view[8 : 8 + len(head)] = head
+    base = 8 + len(head)
+    for name, t in tensors:
+        if t.numel():
+            begin = header[name]["data_offsets"][0]
+            dst = torch.frombuffer(view, dtype=t.dtype, count=t.numel(), offset=base + begin)
+            dst.copy_(t.detach().reshape(-1))
+    return buf
 
 
 def decode_state_dict(payload: Buffer) -> dict[str, torch.Tensor]:

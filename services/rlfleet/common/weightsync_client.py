@@ -132,7 +132,7 @@ class WeightSyncClient:
 
     # -- operations -----------------------------------------------------------------
 
-    def push(self, *, job_id: str, version: int, payload: bytes, checksum: str) -> str:
+    def push(self, *, job_id: str, version: int, payload: Buffer, checksum: str) -> str:
         """Publishes ``payload`` as ``version`` of ``job_id``; returns the checksum weight-sync holds."""
 
         def attempt() -> str:

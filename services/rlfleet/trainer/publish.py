@@ -24,7 +24,8 @@ import logging
 import torch
 
 from rlfleet.common.errors import NotFound
-from rlfleet.common.weights import checksum_of, decode_state_dict, encode_state_dict
+from rlfleet.common.weight_transport import BufferPool
+from rlfleet.common.weights import checksum_of, decode_state_dict, encode_state_dict_into
 from rlfleet.common.weightsync_client import WeightSyncClient
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class GrpcWeightPublisher(WeightPublisher):
         max_message_mb: int = 256,
     ):
         self.address = address
+        # The payload of the last version: pushed and done with, it takes the next one.
+        self.buffers = BufferPool(keep=1)
         self.client = WeightSyncClient(
             address,
             timeout_s=timeout_s,
@@ -91,9 +94,14 @@ class GrpcWeightPublisher(WeightPublisher):
         )
 
     def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
-        payload = encode_state_dict(exportable_state_dict(model))
-        checksum = checksum_of(payload)
-        held = self.client.push(job_id=job_id, version=version, payload=payload, checksum=checksum)
+        payload = encode_state_dict_into(exportable_state_dict(model), self.buffers.take)
+        try:
+            checksum = checksum_of(payload)
+            held = self.client.push(
+                job_id=job_id, version=version, payload=payload, checksum=checksum
+            )
+        finally:
+            self.buffers.give(payload)  # the push is over: nothing reads it any more
         logger.info(
             "published policy version",
             extra={

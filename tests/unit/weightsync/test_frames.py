@@ -143,3 +143,27 @@ def test_in_place_decode_matches_safetensors_for_every_dtype():
         assert torch.equal(in_place[name], tensor) and torch.equal(copied[name], tensor)
     with pytest.raises(ValueError, match="not a safetensors payload"):
         decode_state_dict(bytearray(b"\xff" * 16))
+
+
+def test_encoding_into_a_pooled_buffer_is_safetensors_and_reuses_the_buffer():
+    from rlfleet.common.weight_transport import BufferPool
+    from rlfleet.common.weights import decode_state_dict, encode_state_dict_into
+    from safetensors.torch import load
+
+    state = {
+        "odd_bf16": torch.randn(3).to(torch.bfloat16),  # 6 bytes: the next tensor stays aligned
+        "f32": torch.randn(2, 3),
+        "i64": torch.arange(5),
+        "empty": torch.empty(0, 2),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(1.5),
+    }
+    pool = BufferPool()
+    first = encode_state_dict_into(state, pool.take)
+    for got in (load(bytes(first)), decode_state_dict(first)):  # safetensors reads it, and we do
+        assert set(got) == set(state)
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in state.items())
+    pool.give(first)
+    state["f32"] += 1
+    again = encode_state_dict_into(state, pool.take)
+    assert again is first and torch.equal(load(bytes(again))["f32"], state["f32"])
