@@ -18,6 +18,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
@@ -40,6 +41,11 @@ def _status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return exc.grpc_code, exc.message
     if isinstance(exc, ValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, describe_validation_error(exc)
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        # Redis restarting (or still loading its append-only file): a transient outage
+        # the caller retries (every call that writes to Redis is idempotent), not a bug.
+        logger.warning("Redis unreachable in %s: %s", method, exc)
+        return grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({exc}); retry the call"
     logger.exception("unhandled error in %s", method)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log"
 

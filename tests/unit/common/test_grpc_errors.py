@@ -3,8 +3,11 @@ generic INTERNAL without a traceback, and context.abort() keeps its own code."""
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rlfleet.common.config import ServiceConfig
 from rlfleet.common.errors import InvalidArgument, NotFound, Unavailable
@@ -21,6 +24,11 @@ class Servicer(weightsync_pb2_grpc.WeightSyncServiceServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
         if request.job_id == "boom":
             raise RuntimeError("secret internals")
+        if request.job_id == "redis-down":  # a real client against a port nothing serves
+            with socket.socket() as closed:
+                closed.bind(("127.0.0.1", 0))
+                port = closed.getsockname()[1]
+            redis.Redis(port=port, socket_connect_timeout=1).get("k")
         return common_pb2.PolicyVersion(version=7)
 
 
@@ -53,6 +61,9 @@ def test_error_mapping(stub):
     assert (
         code == grpc.StatusCode.INTERNAL and "secret" not in details and "Traceback" not in details
     )
+    # Redis restarting is transient: UNAVAILABLE, which callers retry, with a sentence.
+    code, details = _code(stub, "redis-down")
+    assert code == grpc.StatusCode.UNAVAILABLE and details.startswith("Redis is unreachable")
     health = health_pb2_grpc.HealthStub(channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="rlfleet.v1.WeightSyncService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
