@@ -439,10 +439,3 @@ def pull_frames(
         response_deserializer=None,
     )
     return method(request, timeout=timeout)
-
-
-def pull_version(
-    channel: grpc.Channel, request: weightsync_pb2.PullVersionRequest, *, timeout: float
-) -> tuple[str, int, bytes, str]:
-    """Pulls and verifies a version: ``assemble(stub.PullVersion(...))`` with fewer copies."""
-    return assemble_frames(pull_frames(channel, request, timeout=timeout))

@@ -22,7 +22,7 @@ from rlfleet.common.weights import (
     checksum_of,
     encode_frames,
     iter_chunks,
-    pull_version,
+    pull_frames,
     push_frames,
     split_frame,
 )
@@ -107,7 +107,7 @@ def test_generated_stubs_and_frame_helpers_talk_to_each_other(channel):
     stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
     stub.PushVersion(iter_chunks(PAYLOAD, job_id="j", version=1, chunk_bytes=1024), timeout=10)
     request = weightsync_pb2.PullVersionRequest(job_id="j", version=1)
-    assert pull_version(channel, request, timeout=10)[2] == PAYLOAD
+    assert assemble_frames(pull_frames(channel, request, timeout=10))[2] == PAYLOAD
 
     reply = push_frames(channel, _frames(PAYLOAD[::-1], version=2), timeout=10)
     assert reply.version == 2
