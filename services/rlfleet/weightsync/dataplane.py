@@ -21,6 +21,13 @@ from rlfleet.weightsync.store import VersionInfo, VersionStore
 
 logger = logging.getLogger(__name__)
 
+# A peer that sends nothing for this long is dropped (headers, a push's payload), so a
+# stalled or hostile client cannot hold a thread forever.
+IDLE_TIMEOUT_S = 60.0
+# Sending a pull gets at least this rate's worth of time (``sendall``'s timeout covers
+# the whole send), then the puller is dropped and the version's buffer freed for reuse.
+MIN_PULL_BYTES_PER_S = 50e6
+
 
 def _info(info: VersionInfo) -> dict:
     return {"ok": True, "job_id": info.job_id, "version": info.version,
@@ -40,6 +47,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.server.idle_timeout_s)
         try:
             header = recv_header(sock)
             op = header.get("op")
@@ -94,6 +102,7 @@ class _Handler(socketserver.BaseRequestHandler):
         job_id = _field(header, "job_id", str)
         version = _field(header, "version", int)
         with self.server.store.reading_views(job_id, version) as (info, views):
+            sock.settimeout(max(self.server.idle_timeout_s, info.num_bytes / MIN_PULL_BYTES_PER_S))
             send_header(sock, _info(info))
             for view in views:
                 sock.sendall(view)
@@ -112,9 +121,10 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, store: VersionStore, max_version_bytes: int):
+    def __init__(self, address, store: VersionStore, max_version_bytes: int, idle_timeout_s: float):
         self.store = store
         self.max_version_bytes = max_version_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
@@ -122,8 +132,16 @@ class _Server(socketserver.ThreadingTCPServer):
 class DataPlane:
     """The listening data plane; ``port`` is where it is bound."""
 
-    def __init__(self, store: VersionStore, *, host: str, port: int, max_version_bytes: int):
-        self._server = _Server((host, port), store, max_version_bytes)
+    def __init__(
+        self,
+        store: VersionStore,
+        *,
+        host: str,
+        port: int,
+        max_version_bytes: int,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ):
+        self._server = _Server((host, port), store, max_version_bytes, idle_timeout_s)
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="weight-data-plane", daemon=True

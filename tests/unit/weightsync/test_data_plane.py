@@ -177,3 +177,18 @@ def test_a_dropped_version_lends_its_buffer_to_the_next_push_but_not_while_read(
     assert any(buf is third for buf in store.buffers._free)  # the reader is done
     got = wt.pull(address, job_id=JOB, version=0, replica_id="", timeout=10)
     assert (got.version, bytes(got.payload)) == (5, payloads[1])
+
+
+def test_a_stalled_peer_is_dropped_and_others_are_served(tmp_path, payloads):
+    store = VersionStore(keep_versions=2)
+    plane = DataPlane(
+        store, host="127.0.0.1", port=0, max_version_bytes=1 << 20, idle_timeout_s=0.5
+    ).start()
+    address = ("127.0.0.1", plane.port)
+    try:
+        with socket.create_connection(address, timeout=10) as stalled:
+            stalled.sendall(wt.MAGIC[:3])  # half a header, then nothing
+            assert _push(address, payloads[0], 1)["version"] == 1  # served meanwhile
+            assert stalled.recv(1) == b""  # the server hung up on the stalled peer
+    finally:
+        plane.stop()
