@@ -20,9 +20,10 @@ from rlfleet.common.buffer import setup_buffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from rlfleet.common.grpc_client import make_channel
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.procs import redis_url_of, start_redis
 from rlfleet.common.weights import assemble, decode_state_dict
 from rlfleet.trainer.core import TrainerCore
-from rlfleet.trainer.publish import setup_publisher
+from rlfleet.trainer.publish import NoPublisher, setup_publisher
 from rlfleet.trainer.state import TrainerStore
 from rlfleet.v1 import trainer_pb2, trainer_pb2_grpc, weightsync_pb2, weightsync_pb2_grpc
 from rlfleet.v1.common_pb2 import Sample
@@ -210,6 +211,53 @@ def test_train_steps_publish_checkpoint_and_acknowledge(
     assert _pull(weightsync.address, job)[0] == 3
     assert sorted(p.name for p in (ckpt / job).iterdir()) == ["step-1", "step-2"]  # keep = 2
     again_restarted.close()
+
+
+def test_redis_lost_while_a_step_is_stored_the_repeat_trains_nothing_again(
+    tiny_model_dir, rollout_model, tmp_path
+):
+    """Redis killed (-9) after the optimizer step and the publish, before the result is
+    stored: the call fails (the servicer answers UNAVAILABLE, tests/unit/common/
+    test_grpc_errors.py), and the scheduler's repeat once Redis is back stores and
+    acknowledges the same step, with the same weights, without training it again."""
+    job = "job-t5"
+    run = tmp_path / "redis-run"
+    redis_proc = start_redis(run)  # append-only: the stream and its pending list survive
+    port, url = redis_proc.port, redis_url_of(redis_proc)
+    published: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    class CrashRedisAfterFirstStep(NoPublisher):
+        def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
+            published.append((version, {k: v.clone() for k, v in model.state_dict().items()}))
+            if len(published) == 2:  # version 0 at InitJob, then step 0's version 1
+                redis_proc.kill()
+            return ""
+
+    core = TrainerCore(
+        buffer=setup_buffer("redis", url),
+        store=TrainerStore.from_url(url),
+        publisher=CrashRedisAfterFirstStep(),
+        checkpoint_dir=tmp_path / "ckpt",
+        device=torch.device("cpu"),
+        read_timeout_s=10.0,
+        reclaim_idle_s=60.0,
+    )
+    try:
+        core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}))
+        buffer = setup_buffer("redis", url)
+        buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=7))
+        with pytest.raises(redis.ConnectionError):
+            core.train_step(job, 0, 6)
+        redis_proc = start_redis(run, port=port)  # back, from its append-only file
+        result = core.train_step(job, 0, 6)
+        assert (result.version, result.samples_trained) == (1, 6)
+        assert [v for v, _ in published] == [0, 1, 1]  # published again, trained once
+        assert all(torch.equal(published[2][1][k], t) for k, t in published[1][1].items())
+        assert buffer.length(job) == 0 and buffer.pending(job) == 0
+        assert TrainerStore.from_url(url).get_result(job, 0) == result
+    finally:
+        core.close()
+        redis_proc.stop()
 
 
 def test_samples_come_from_own_pending_and_dead_consumers(
