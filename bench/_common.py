@@ -21,6 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (all its threads)."""
+    # The command name (field 2) may hold spaces; the fields after it are fixed.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a smaller run (under 5 minutes)")

@@ -10,17 +10,7 @@ rlfleet service and Redis, and this process for TRL.
 
 from __future__ import annotations
 
-import os
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name (field 2) may hold spaces; the fields after it are fixed.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+from _common import proc_cpu_seconds
 
 
 class StepCpuMeter:

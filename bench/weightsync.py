@@ -110,12 +110,6 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 
 # --------------------------------------------------------------------------- raw TCP
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def raw_tcp(payload: bytes, k: int) -> tuple[float, float]:
     """(seconds from the first byte sent until all K receivers have every byte,
     CPU seconds the sender and the receivers used)."""
@@ -256,11 +250,17 @@ def run_size(
         push_s, push_cpu = {}, {}
         for version, how in ((1, "cold"), (2, None), (3, None), (4, style), (5, other)):
             client = clients[other if how == other else style]
-            start, cpu, ws_cpu = time.perf_counter(), time.process_time(), proc_cpu(ws.pid)
+            start, cpu, ws_cpu = (
+                time.perf_counter(),
+                time.process_time(),
+                _common.proc_cpu_seconds(ws.pid),
+            )
             client.push(job_id=job, version=version, payload=payload, checksum=checksum_of(payload))
             if how:
                 push_s[how] = time.perf_counter() - start
-                push_cpu[how] = time.process_time() - cpu + proc_cpu(ws.pid) - ws_cpu
+                push_cpu[how] = (
+                    time.process_time() - cpu + _common.proc_cpu_seconds(ws.pid) - ws_cpu
+                )
         del payload  # the trainer is done with it; keep the machine's memory for the pullers
         for client in clients.values():
             client.close()
@@ -268,9 +268,9 @@ def run_size(
         def best_round(version: int, k: int, how: str, n: int) -> dict:
             best = None
             for _ in range(n):
-                ws_cpu = proc_cpu(ws.pid)
+                ws_cpu = _common.proc_cpu_seconds(ws.pid)
                 res = pull_round(ws.address, job, version, k, max_mb, how, size)
-                cpu = proc_cpu(ws.pid) - ws_cpu + sum(r["cpu"] for r in res)
+                cpu = _common.proc_cpu_seconds(ws.pid) - ws_cpu + sum(r["cpu"] for r in res)
                 assert all(r["bytes"] == size for r in res)
                 t_all = max(r["end"] for r in res) - min(r["start"] for r in res)
                 if best is None or t_all < best["t_all_s"]:

@@ -32,11 +32,13 @@ def test_client_uses_the_data_plane_and_grpc_clients_see_the_same_versions(servi
         assert fast.push(job_id="j", version=1, payload=a, checksum=checksum_of(a)) == checksum_of(
             a
         )
+        assert fast.data_plane() is not None  # the push went over it (a failure turns it off)
         got = grpc_only.pull(job_id="j", version=0)
         assert (got.version, got.payload, got.checksum) == (1, a, checksum_of(a))
         grpc_only.push(job_id="j", version=2, payload=b, checksum=checksum_of(b))
         got = fast.pull(job_id="j", version=0, replica_id="r1")
         assert (got.version, bytes(got.payload)) == (2, b)
+        assert not isinstance(got.payload, bytes)  # a data-plane buffer, not a gRPC stream's bytes
         with pytest.raises(FailedPrecondition, match="versions only move forward"):
             fast.push(job_id="j", version=2, payload=a, checksum=checksum_of(a))
         with pytest.raises(NotFound, match="not held"):

@@ -138,9 +138,11 @@ def _raise_if_error(header: dict) -> None:
 # ----------------------------------------------------------------------------- client
 @dataclass(frozen=True)
 class Pulled:
+    """A verified version: a pool buffer from the data plane, bytes from gRPC streams."""
+
     job_id: str
     version: int
-    payload: mmap.mmap | bytearray
+    payload: mmap.mmap | bytearray | bytes
     checksum: str
 
 

@@ -215,22 +215,11 @@ def iter_chunks(
     checksum: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[weightsync_pb2.WeightChunk]:
-    """Splits a payload into WeightChunk messages; the last one carries the checksum."""
-    digest = checksum or checksum_of(payload)
-    view = memoryview(payload)
-    total = len(payload)
-    offsets = _offsets(total, chunk_bytes)
-    for i, offset in enumerate(offsets):
-        chunk = _chunk_header(
-            job_id=job_id,
-            version=version,
-            offset=offset,
-            last=i == len(offsets) - 1,
-            checksum=digest,
-            total=total,
-        )
-        chunk.data = bytes(view[offset : offset + chunk_bytes])
-        yield chunk
+    """``encode_frames`` as WeightChunk messages, for callers of the generated stubs."""
+    frames = encode_frames(
+        payload, job_id=job_id, version=version, checksum=checksum, chunk_bytes=chunk_bytes
+    )
+    return (weightsync_pb2.WeightChunk.FromString(frame) for frame in frames)
 
 
 def _varint(value: int) -> bytes:
@@ -389,14 +378,9 @@ def assemble_pieces(
     return Assembled(job_id, version, digest, tuple(frames), tuple(views))
 
 
-def assemble_frames_verified(frames: Iterable[bytes]) -> Assembled:
-    """Checks a stream of serialised chunks; keeps the frames (weight-sync serves them again)."""
-    return assemble_pieces((*split_frame(f), f) for f in frames)
-
-
 def assemble_frames(frames: Iterable[bytes]) -> tuple[str, int, bytes, str]:
     """``assemble`` over serialised chunks: data joined once."""
-    got = assemble_frames_verified(frames)
+    got = assemble_pieces((*split_frame(f), f) for f in frames)
     return got.job_id, got.version, got.payload(), got.checksum
 
 

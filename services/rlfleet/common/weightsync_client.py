@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -27,7 +26,7 @@ from rlfleet.common import weight_transport
 from rlfleet.common.errors import Unavailable, from_rpc_error
 from rlfleet.common.grpc_client import RETRYABLE, make_channel
 from rlfleet.common.security import client_tls
-from rlfleet.common.weight_transport import BufferPool
+from rlfleet.common.weight_transport import BufferPool, Pulled
 from rlfleet.common.weights import (
     Buffer,
     assemble_frames,
@@ -41,14 +40,6 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 # After the data plane could not be reached, use gRPC this long before trying it again.
 DATA_PLANE_BACKOFF_S = 60.0
-
-
-@dataclass(frozen=True)
-class Version:
-    job_id: str
-    version: int
-    payload: Buffer  # bytes from gRPC; a pool buffer from the data plane (see release)
-    checksum: str
 
 
 def _host(address: str) -> str:
@@ -153,12 +144,12 @@ class WeightSyncClient:
 
         return self._retrying(attempt)
 
-    def pull(self, *, job_id: str, version: int, replica_id: str = "") -> Version:
+    def pull(self, *, job_id: str, version: int, replica_id: str = "") -> Pulled:
         """Version ``version`` of ``job_id`` (0 = the current one), verified."""
 
-        def attempt() -> Version:
+        def attempt() -> Pulled:
             if self.data_plane() is not None:
-                got = self._over_data_plane(
+                return self._over_data_plane(
                     lambda address: weight_transport.pull(
                         address,
                         job_id=job_id,
@@ -168,16 +159,15 @@ class WeightSyncClient:
                         buffers=self.buffers,
                     )
                 )
-                return Version(got.job_id, got.version, got.payload, got.checksum)
             request = weightsync_pb2.PullVersionRequest(
                 job_id=job_id, version=version, replica_id=replica_id
             )
             frames = pull_frames(self.channel, request, timeout=self.timeout_s)
-            return Version(*assemble_frames(frames))
+            return Pulled(*assemble_frames(frames))
 
         return self._retrying(attempt)
 
-    def release(self, got: Version) -> None:
+    def release(self, got: Pulled) -> None:
         """Promises that nothing reads ``got.payload`` any more (tensors decoded from it
         in place included): the next pull may receive into it."""
         if not isinstance(got.payload, bytes):

@@ -111,24 +111,6 @@ def test_every_token_of_every_sample_masked_gives_zero_loss_and_a_finite_zero_gr
 
 
 # ----------------------------------------------------------------- through a model
-@pytest.fixture(scope="module")
-def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def _batch(model, *, spike: float):
     """Three samples (the third with an empty response); tokens (0, 1) and (1, 2) spiked."""
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8]]

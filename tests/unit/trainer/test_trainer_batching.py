@@ -16,24 +16,6 @@ from rlfleet.trainer.losses import token_entropy
 from rlfleet.v1.common_pb2 import Sample
 
 
-@pytest.fixture(scope="module")
-def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def _sample(sid, prompt, completion, *, group="g0", reward=1.0, logps=None):
     return Sample(
         sample_id=sid,
