@@ -165,6 +165,23 @@ class SchedulingSpec(_Spec):
     """Ω: sequences in flight (c3po); 0 means 2 × prompts_per_step × group_size."""
     retention_limit: int = Field(default=2, ge=0)
     """σ: iterations an unfinished rollout may be carried over before it is purged (c3po)."""
+    overlap: bool = False
+    """c3po only: keep generating while the step trains; replicas load each new version in
+    flight, between engine iterations (docs/C3PO.md, "Overlapped rollout")."""
+    max_staleness: int | None = Field(default=None, ge=0)
+    """Most policy versions a trained token may lag the version it is trained against;
+    groups with an older token are dropped and counted (c3po). None: σ + 1 when
+    ``overlap`` is on (a carry-over plus the overlapped step), else no bound beyond σ."""
+
+    @model_validator(mode="after")
+    def _overlap_needs_c3po(self) -> SchedulingSpec:
+        if self.overlap and self.mode != "c3po":
+            raise ValueError(
+                "scheduling.overlap runs on top of C3PO++: set scheduling.mode = 'c3po'"
+            )
+        if self.overlap and self.max_staleness is None:
+            self.max_staleness = self.retention_limit + 1
+        return self
 
 
 class CheckpointSpec(_Spec):

@@ -44,7 +44,7 @@ in whichever scheduling mode it runs.
 In a replica process time is virtual, scaled to wall time by ``time_scale``
 (default 1e-3: a simulated second lasts a millisecond); lengths can be scaled
 down (``length_scale``) so a CPU fleet runs the same shape quickly. The
-in-process simulated fleet (``rlfleet.scheduler.c3po_sim``) uses the same two
+in-process simulated fleet (``rlfleet.scheduler.c3po.sim``) uses the same two
 models with a pure virtual clock.
 """
 

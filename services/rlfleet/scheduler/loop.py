@@ -87,6 +87,7 @@ class JobRunner:
         except (Interrupted, RlfleetError) as exc:
             # A failed or cancelled job is never resumed: drop what the strategy kept
             # for it. One stopped by a shutdown stays running and keeps it.
+            strategy.pause(job_id)
             with contextlib.suppress(Exception):
                 if isinstance(exc, RlfleetError) or self.store.get(job_id).terminal:
                     strategy.finish(job_id)

@@ -18,7 +18,7 @@ import redis
 
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.tasks import PromptSource
-from rlfleet.scheduler.c3po_metrics import REPLICA_IDLE_SECONDS, version_metrics
+from rlfleet.scheduler.c3po.metrics import REPLICA_IDLE_SECONDS, version_metrics
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import TextCodec, build_samples, make_groups
 from rlfleet.v1 import common_pb2, rollout_pb2
@@ -56,6 +56,10 @@ class RolloutStrategy(abc.ABC):
 
     def finish(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """The job's last step is recorded: drop whatever the strategy kept for it."""
+
+    def pause(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """The job's loop stopped early (failure, cancel, shutdown): stop any work left
+        running in the background; what is kept for a resume stays."""
 
 
 def rollout_metrics(samples: list[common_pb2.Sample], ctx: StepContext) -> dict[str, float]:
@@ -149,8 +153,8 @@ def setup_strategy(
     if mode == "c3po":
         if redis_client is None:
             raise ValueError("C3PO++ (scheduling.mode 'c3po') keeps its rollout pool in Redis")
-        from rlfleet.scheduler.c3po import C3poStrategy
-        from rlfleet.scheduler.c3po_store import C3poStore
+        from rlfleet.scheduler.c3po.store import C3poStore
+        from rlfleet.scheduler.c3po.strategy import C3poStrategy
 
         return C3poStrategy(pool, store=C3poStore(redis_client, prefix=prefix))
     return SyncStrategy(pool)

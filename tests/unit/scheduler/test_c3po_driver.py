@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import pytest
 from rlfleet.common.errors import FailedPrecondition
 from rlfleet.rollout.sim_engine import DecodeCostModel, LengthModel
-from rlfleet.scheduler.c3po_driver import C3poSettings, IterationDriver
-from rlfleet.scheduler.c3po_pool import (
+from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
+from rlfleet.scheduler.c3po.pool import (
     Group,
     InferencePool,
     Progress,
@@ -22,7 +22,7 @@ from rlfleet.scheduler.c3po_pool import (
     extend_spans,
     spans_of,
 )
-from rlfleet.scheduler.c3po_sim import SimFleet, SimGroupSource, SimJob, run_sim
+from rlfleet.scheduler.c3po.sim import SimFleet, SimGroupSource, SimJob, run_sim
 
 UNIT_COST = DecodeCostModel(
     base_s=1.0, per_seq_s=0.0, per_ctx_token_s=0.0, prefill_tokens_per_s=float("inf")

@@ -20,11 +20,11 @@ from rlfleet.common.tasks import PromptSource
 from rlfleet.rollout.core import RolloutCore
 from rlfleet.rollout.servicer import SERVICE_NAME, RolloutServicer
 from rlfleet.rollout.sim_engine import SimEngine, SimEngineSettings
-from rlfleet.scheduler.c3po import C3poStrategy, PromptGroupSource, group_samples
-from rlfleet.scheduler.c3po_driver import C3poSettings, IterationDriver
-from rlfleet.scheduler.c3po_grpc import GrpcBackend
-from rlfleet.scheduler.c3po_pool import InferencePool
-from rlfleet.scheduler.c3po_store import C3poStore
+from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
+from rlfleet.scheduler.c3po.grpc_backend import GrpcBackend
+from rlfleet.scheduler.c3po.pool import InferencePool
+from rlfleet.scheduler.c3po.store import C3poStore
+from rlfleet.scheduler.c3po.strategy import C3poStrategy, PromptGroupSource, group_samples
 from rlfleet.scheduler.discovery import StaticDiscovery
 from rlfleet.scheduler.jobs import JobState
 from rlfleet.scheduler.pool import ReplicaPool

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rlfleet.common.errors import InvalidArgument
 from rlfleet.common.jobspec import JobSpec
-from rlfleet.scheduler.c3po_driver import C3poSettings
+from rlfleet.scheduler.c3po.driver import C3poSettings
 
 
 @pytest.fixture

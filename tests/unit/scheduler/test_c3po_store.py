@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import redis
 from rlfleet.rollout.sim_engine import LengthModel
-from rlfleet.scheduler.c3po_driver import C3poSettings, IterationDriver
-from rlfleet.scheduler.c3po_pool import Group, InferencePool, Rollout
-from rlfleet.scheduler.c3po_sim import SimFleet, SimGroupSource
-from rlfleet.scheduler.c3po_store import C3poStore, decode_group, encode_group
+from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
+from rlfleet.scheduler.c3po.pool import Group, InferencePool, Rollout
+from rlfleet.scheduler.c3po.sim import SimFleet, SimGroupSource
+from rlfleet.scheduler.c3po.store import C3poStore, decode_group, encode_group
 
 
 def _group(serial: int) -> Group:

@@ -71,7 +71,13 @@ def test_logit_noise_is_a_known_reproducible_train_inference_mismatch(tiny_model
         tokens, logps = noisy[f"g{i}-0"]
         old.append(_train_logprobs(model, prompt, tokens))
         infer.append(torch.tensor(logps, dtype=torch.float32))
-    assert noisy["g0-0"] == alone["g0-0"]  # the perturbation belongs to the sequence
+    # The perturbation belongs to the sequence: the same tokens whatever the batch, and
+    # the same log-probs up to float rounding (a kernel may reorder a reduction when the
+    # batch shape changes, which moves the last bits).
+    assert noisy["g0-0"][0] == alone["g0-0"][0]
+    torch.testing.assert_close(
+        torch.tensor(noisy["g0-0"][1]), torch.tensor(alone["g0-0"][1]), atol=1e-5, rtol=1e-5
+    )
 
     m = mismatch_metrics(logp_old=torch.cat(old), logp_infer=torch.cat(infer), alpha=0.5, beta=5.0)
     # log k = Δ(σε at the token) − Δ(log-normaliser): of order σ = 1 per token.

@@ -8,16 +8,24 @@
     4. unfinished rollouts stay in P with retention + 1 and resume next time.
 
 With GRPO the unit that "finishes" and moves to Q is a whole group (see
-``c3po_pool``). When C reaches Φ the backend aborts: replicas hand back their
+``pool``). When C reaches Φ the backend aborts: replicas hand back their
 partial sequences, which stay in P with their tokens, log-probs and versions.
 A real stop is not instantaneous: a group that completes after C reached Φ
 (later in the same batch of reports, or while Abort travels) stays in P,
 finished, and is the first thing the next iteration moves to Q. That keeps each
 step's training batch at Φ plus at most the group that crossed it.
 
+Overlapped (``settings.overlap``): at the budget nothing is aborted. The rollouts
+in flight keep generating under version t while the step loop trains on Q_t; the
+replicas load version t + 1 in flight, between two engine iterations, so each
+token keeps the version that produced it. Whatever finished meanwhile is
+released first by the next iteration. A token may then lag the trained version by
+more than σ + 1; ``max_staleness`` bounds that lag: a group holding an older
+token is dropped (``IterationReport.stale``) instead of trained.
+
 The driver never blocks on anything but ``backend.wait``, so the same code runs
-against live replicas over gRPC (``c3po_grpc.GrpcBackend``) and against the
-discrete-event fleet with a virtual clock (``c3po_sim.SimFleet``). It also runs
+against live replicas over gRPC (``grpc_backend.GrpcBackend``) and against the
+discrete-event fleet with a virtual clock (``sim.SimFleet``). It also runs
 the budget-free synchronous baseline (``run_sync``) for the simulated
 comparison; the production baseline is ``strategy.SyncStrategy``.
 """
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rlfleet.common.errors import FailedPrecondition
-from rlfleet.scheduler.c3po_pool import Group, InferencePool, Progress, Rollout
+from rlfleet.scheduler.c3po.pool import Group, InferencePool, Progress, Rollout
 from rlfleet.scheduler.jobs import Interrupted
 
 WorkUnit = tuple[Group, list[Rollout]]
@@ -93,6 +101,11 @@ class C3poSettings:
     retention_limit: int
     """σ: carry-overs allowed before a rollout is purged."""
     group_size: int
+    overlap: bool = False
+    """Keep generating across the iteration boundary (while the step trains)."""
+    max_staleness: int | None = None
+    """Most versions a trained token may lag the version it is trained against
+    (None: no bound beyond what σ implies)."""
 
     @classmethod
     def from_spec(cls, spec) -> C3poSettings:
@@ -102,6 +115,8 @@ class C3poSettings:
             pool_capacity=s.pool_capacity or 2 * spec.samples_per_step,
             retention_limit=s.retention_limit,
             group_size=spec.algorithm.group_size,
+            overlap=s.overlap,
+            max_staleness=s.max_staleness,
         )
 
 
@@ -110,6 +125,9 @@ class IterationReport:
     step: int
     released: list[Group] = field(default_factory=list)
     purged: list[Group] = field(default_factory=list)
+    stale: list[Group] = field(default_factory=list)
+    """Groups dropped because a token lagged the trained version by more than
+    ``max_staleness``."""
     budget_used: int = 0
     completed: int = 0
     """Sequences that finished in this iteration (released or waiting for their group)."""
@@ -152,16 +170,41 @@ class IterationDriver:
         self.source = source
         self.settings = settings
         self.poll_s = poll_s
+        self._version = 0
 
     def run_c3po(
-        self, backend: RolloutBackend, *, step: int, stop: threading.Event | None = None
+        self,
+        backend: RolloutBackend,
+        *,
+        step: int,
+        version: int | None = None,
+        stop: threading.Event | None = None,
     ) -> IterationReport:
+        """One iteration; ``version`` is the policy version the replicas hold now, which
+        the released groups are trained against (it bounds staleness; default: ``step``)."""
         clock0, wall0 = backend.now(), time.thread_time()
         waited = 0.0
         report = IterationReport(step=step)
         s = self.settings
+        self._version = step if version is None else version
+        # Overlapped: what finished while the step trained is reported first.
+        t = time.thread_time()
+        queued = backend.wait(0.0) if self.pool.in_flight() else []
+        waited += time.thread_time() - t
+        self._handle(queued, None, report, budget=s.token_budget)
         report.purged = self.pool.purge(s.retention_limit)
-        # Groups that completed while the replicas were stopping last time end first.
+        if s.max_staleness is not None:
+            report.stale = self.pool.purge_stale(self._version - s.max_staleness)
+        if any(m.in_flight for g in report.purged + report.stale for m in g.members):
+            # A dropped rollout is still generating (overlapped): stop every replica;
+            # the others come back as partials and are resumed below.
+            t = time.thread_time()
+            partials = backend.abort()
+            waited += time.thread_time() - t
+            self._handle(partials, None, report, budget=s.token_budget)
+            self._settle_in_flight()
+        # Groups that completed while the replicas were stopping (or, overlapped, while
+        # the step trained) end first.
         for group in sorted((g for g in self.pool if g.finished), key=lambda g: g.serial):
             self._release(group, report)
         carried_units = self.pool.resume_order()
@@ -171,6 +214,7 @@ class IterationDriver:
         while report.budget_used < s.token_budget:
             if stop is not None and stop.is_set():
                 backend.abort()
+                self._settle_in_flight()
                 raise Interrupted("stopped while generating")
             if not backend.in_flight:
                 raise FailedPrecondition(
@@ -183,13 +227,15 @@ class IterationDriver:
             waited += self._handle(events, backend, report, budget=s.token_budget)
             if report.budget_used < s.token_budget:
                 waited += self._refill(backend, report)
-        t = time.thread_time()
-        late = backend.abort()
-        waited += time.thread_time() - t
-        report.aborted = sum(isinstance(e, Progress) and not e.finished for e in late)
-        # Sequences that finished while the replicas stopped keep their tokens; a group
-        # they complete is deferred to the next iteration (the budget is spent).
-        self._handle(late, None, report, budget=s.token_budget)
+        if not s.overlap:
+            t = time.thread_time()
+            late = backend.abort()
+            waited += time.thread_time() - t
+            report.aborted = sum(isinstance(e, Progress) and not e.finished for e in late)
+            # Sequences that finished while the replicas stopped keep their tokens; a
+            # group they complete is deferred to the next iteration (the budget is spent).
+            self._handle(late, None, report, budget=s.token_budget)
+            self._settle_in_flight()
         report.carried = self.pool.carry()
         report.rollout_seconds = backend.now() - clock0
         report.decision_seconds = time.thread_time() - wall0 - waited
@@ -239,9 +285,25 @@ class IterationDriver:
         """Hands work to the backend; returns the time spent there (not scheduling time)."""
         if not units:
             return 0.0
+        for _, members in units:
+            for m in members:
+                m.in_flight = True
         t = time.thread_time()
         backend.submit(units)
         return time.thread_time() - t
+
+    def _settle_in_flight(self) -> None:
+        """The backend was aborted: nothing is in flight any more (a sequence it lost
+        without a report resumes from the state P holds)."""
+        for group in self.pool:
+            for m in group.members:
+                m.in_flight = False
+
+    def abort(self, backend: RolloutBackend) -> None:
+        """Stops what an overlapped iteration left generating; P keeps the partials."""
+        events = backend.abort()
+        self._handle(events, None, IterationReport(step=-1), budget=0)
+        self._settle_in_flight()
 
     def _refill(self, backend: RolloutBackend, report: IterationReport) -> float:
         """Tops P up to Ω with whole new groups, dispatched after everything carried."""
@@ -252,8 +314,14 @@ class IterationDriver:
         return self._submit(backend, units)
 
     def _release(self, group: Group, report: IterationReport) -> None:
-        """Moves a complete group from P to Q; its tokens count towards C."""
+        """Moves a complete group from P to Q; its tokens count towards C. A group
+        with a token older than ``max_staleness`` allows is dropped instead."""
         self.pool.remove(group.serial)
+        bound = self.settings.max_staleness
+        oldest = group.oldest_version()
+        if bound is not None and oldest is not None and oldest < self._version - bound:
+            report.stale.append(group)
+            return
         report.released.append(group)
         report.budget_used += group.tokens
 
@@ -282,6 +350,9 @@ class IterationDriver:
                 self._release(group, report)
         if retry and backend is not None:
             return self._submit(backend, retry)
+        for _, members in retry:  # no backend to retry on: resumed from P later
+            for m in members:
+                m.in_flight = False
         return 0.0
 
     def _lost_units(self, lost: Lost) -> list[WorkUnit]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from rlfleet.scheduler.c3po_pool import Group, InferencePool, Rollout
+from rlfleet.scheduler.c3po.pool import Group, InferencePool, Rollout
 
 
 @dataclass

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rlfleet.rollout.sim_engine import DecodeCostModel, LengthModel
-from rlfleet.scheduler.c3po_driver import (
+from rlfleet.scheduler.c3po.driver import (
     C3poSettings,
     Event,
     IterationDriver,
@@ -38,7 +38,7 @@ from rlfleet.scheduler.c3po_driver import (
     RolloutBackend,
     WorkUnit,
 )
-from rlfleet.scheduler.c3po_pool import Group, InferencePool, Progress, Rollout, extend_spans
+from rlfleet.scheduler.c3po.pool import Group, InferencePool, Progress, Rollout, extend_spans
 
 
 @dataclass(eq=False)

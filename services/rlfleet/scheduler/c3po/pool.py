@@ -3,7 +3,7 @@ rules that move them (purge, refill accounting, group release, carry-over).
 
 Pure data and bookkeeping, no I/O: the iteration driver (``c3po.py``) runs it
 against live rollout replicas over gRPC or against the simulated fleet
-(``c3po_sim.py``), and ``c3po_store.py`` persists it in Redis. Keeping it apart
+(``sim.py``), and ``store.py`` persists it in Redis. Keeping it apart
 is what lets the very same scheduling code run at the scale of hundreds of
 simulated replicas on a laptop.
 
@@ -73,10 +73,18 @@ class Rollout:
     finish_reason: str = ""
     dirty: bool = True
     """Changed since the pool was last saved."""
+    in_flight: bool = False
+    """Submitted to a replica that has not reported on it yet. Only overlapped
+    scheduling leaves rollouts in flight across an iteration boundary; never saved
+    (a restarted scheduler has no streams open)."""
 
     @property
     def versions(self) -> list[int]:
         return expand_spans(self.spans)
+
+    @property
+    def oldest_version(self) -> int | None:
+        return self.spans[0][0] if self.spans else None
 
 
 @dataclass
@@ -106,6 +114,10 @@ class Group:
 
     def unfinished(self) -> list[Rollout]:
         return [m for m in self.members if not m.finished]
+
+    def oldest_version(self) -> int | None:
+        """The oldest policy version any member's tokens were sampled by."""
+        return min((v for m in self.members if (v := m.oldest_version) is not None), default=None)
 
 
 @dataclass
@@ -179,6 +191,16 @@ class InferencePool:
         ]
         return [self.remove(s) for s in stale]
 
+    def purge_stale(self, min_version: int) -> list[Group]:
+        """Drops every group holding a token sampled before ``min_version``: it could
+        only be trained beyond the job's staleness bound (``max_staleness``)."""
+        stale = [
+            g.serial
+            for g in self.groups.values()
+            if (v := g.oldest_version()) is not None and v < min_version
+        ]
+        return [self.remove(s) for s in stale]
+
     def resume_order(self) -> list[tuple[Group, list[Rollout]]]:
         """The groups in P with unfinished members, and those members, oldest first.
 
@@ -186,9 +208,13 @@ class InferencePool:
         then lowest serial), so the rollouts closest to the purge get replica
         capacity before any new prompt.
         """
-        waiting = [g for g in self.groups.values() if g.unfinished()]
-        waiting.sort(key=lambda g: (-max(m.retention for m in g.unfinished()), g.serial))
-        return [(g, g.unfinished()) for g in waiting]
+        waiting = [
+            (g, idle)
+            for g in self.groups.values()
+            if (idle := [m for m in g.unfinished() if not m.in_flight])
+        ]
+        waiting.sort(key=lambda gm: (-max(m.retention for m in gm[1]), gm[0].serial))
+        return waiting
 
     def member(self, seq_id: str) -> Rollout | None:
         group = self.group_of(seq_id)
@@ -206,6 +232,7 @@ class InferencePool:
         member = self.member(progress.seq_id)
         if group is None or member is None or member.finished:
             return False, None
+        member.in_flight = False
         member.length = progress.length
         member.spans = progress.spans
         if progress.token_ids is not None:
@@ -219,6 +246,10 @@ class InferencePool:
             if group.finished:
                 return True, group
         return True, None
+
+    def in_flight(self) -> list[str]:
+        """Sequence ids a replica is generating (or is about to report on)."""
+        return [m.seq_id for g in self.groups.values() for m in g.members if m.in_flight]
 
     def carry(self) -> int:
         """Step 4: every unfinished rollout left in P gets retention + 1; returns how many."""

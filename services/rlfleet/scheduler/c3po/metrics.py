@@ -4,7 +4,9 @@ Step-record keys (floats, as every step metric):
 - ``c3po_budget_tokens`` (Φ), ``c3po_budget_used`` (C), ``c3po_budget_used_frac`` (C / Φ)
 - ``c3po_sequences_completed`` / ``_carried`` / ``_resumed`` / ``_aborted`` / ``_purged``
 - ``c3po_groups_released`` / ``_new`` / ``_purged`` / ``_deferred`` (completed while the
-  replicas stopped; released first next step), ``c3po_pool_sequences`` (unfinished in P)
+  replicas stopped; released first next step), ``c3po_groups_stale`` /
+  ``c3po_sequences_stale`` (dropped: a token older than ``max_staleness`` allows),
+  ``c3po_pool_sequences`` (unfinished in P)
 - ``c3po_retention_<r>``: trained samples whose rollout was carried over r times
 - ``c3po_decision_seconds``: scheduling code time in the rollout phase
 - ``replica_idle_seconds_mean`` / ``_max``: replica time with nothing to generate
@@ -40,7 +42,8 @@ SEQUENCES = Counter(
 GROUPS = Counter(
     "rlfleet_scheduler_c3po_groups_total",
     "C3PO++ GRPO groups by outcome: new, released (to training), deferred (completed while "
-    "replicas stopped, released next step), purged.",
+    "replicas stopped, released next step), purged, stale (a token lagged more than "
+    "max_staleness versions).",
     ["outcome"],
 )
 POOL_SEQUENCES = Gauge(
@@ -95,6 +98,7 @@ def version_metrics(samples: Iterable[common_pb2.Sample], *, version: int) -> di
 def report_metrics(report, *, token_budget: int, pool_sequences: int) -> dict[str, float]:
     """Step-record keys of one C3PO++ iteration; also feeds the Prometheus series."""
     purged_seqs = sum(len(g.members) for g in report.purged)
+    stale_seqs = sum(len(g.members) for g in report.stale)
     out = {
         "c3po_budget_tokens": float(token_budget),
         "c3po_budget_used": float(report.budget_used),
@@ -108,6 +112,8 @@ def report_metrics(report, *, token_budget: int, pool_sequences: int) -> dict[st
         "c3po_groups_new": float(report.new_groups),
         "c3po_groups_deferred": float(report.deferred),
         "c3po_groups_purged": float(len(report.purged)),
+        "c3po_groups_stale": float(len(report.stale)),
+        "c3po_sequences_stale": float(stale_seqs),
         "c3po_pool_sequences": float(pool_sequences),
         "c3po_decision_seconds": report.decision_seconds,
     }
@@ -129,6 +135,7 @@ def report_metrics(report, *, token_budget: int, pool_sequences: int) -> dict[st
         ("resumed", report.resumed),
         ("aborted", report.aborted),
         ("purged", purged_seqs),
+        ("stale", stale_seqs),
     ):
         SEQUENCES.labels(outcome).inc(n)
     for outcome, n in (
@@ -136,6 +143,7 @@ def report_metrics(report, *, token_budget: int, pool_sequences: int) -> dict[st
         ("released", len(report.released)),
         ("deferred", report.deferred),
         ("purged", len(report.purged)),
+        ("stale", len(report.stale)),
     ):
         GROUPS.labels(outcome).inc(n)
     POOL_SEQUENCES.set(pool_sequences)

@@ -31,8 +31,8 @@ import grpc
 from rlfleet.common.errors import RlfleetError, Unavailable, from_rpc_error
 from rlfleet.common.grpc_client import RETRYABLE, call
 from rlfleet.scheduler import metrics
-from rlfleet.scheduler.c3po_driver import Event, Lost, RolloutBackend, WorkUnit
-from rlfleet.scheduler.c3po_pool import Progress, expand_spans, spans_of
+from rlfleet.scheduler.c3po.driver import Event, Lost, RolloutBackend, WorkUnit
+from rlfleet.scheduler.c3po.pool import Progress, expand_spans, spans_of
 from rlfleet.scheduler.pool import Replica, ReplicaPool
 from rlfleet.v1 import rollout_pb2
 
@@ -165,6 +165,11 @@ class GrpcBackend(RolloutBackend):
         with self._lock:
             self._aborting = False
         return events
+
+    def live_replicas(self) -> list[Replica]:
+        """The replicas this backend still dispatches to (not dropped for failing)."""
+        with self._lock:
+            return [r for r in self.replicas if self._alive[r.address]]
 
     def idle_seconds(self) -> dict[str, float]:
         now = time.perf_counter()

@@ -1,8 +1,8 @@
 """C3PO++ as a rollout strategy of the step loop (``scheduling.mode = "c3po"``).
 
-Each step runs one iteration of ``c3po_driver`` against the live replicas and
+Each step runs one iteration of ``driver`` against the live replicas and
 trains on the groups it released. The pool P lives in memory between steps and
-in Redis after every rollout phase (``c3po_store``); a strategy built after a
+in Redis after every rollout phase (``store``); a strategy built after a
 scheduler restart starts from what Redis holds:
 
 - saved state of an earlier step: run the next iteration from it;
@@ -20,11 +20,11 @@ import logging
 
 from rlfleet.common.errors import RlfleetError
 from rlfleet.common.tasks import PromptSource, entry_to_json
-from rlfleet.scheduler import c3po_metrics
-from rlfleet.scheduler.c3po_driver import C3poSettings, IterationDriver
-from rlfleet.scheduler.c3po_grpc import GrpcBackend
-from rlfleet.scheduler.c3po_pool import Group, Rollout
-from rlfleet.scheduler.c3po_store import C3poStore, SavedState
+from rlfleet.scheduler.c3po import metrics as c3po_metrics
+from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
+from rlfleet.scheduler.c3po.grpc_backend import GrpcBackend
+from rlfleet.scheduler.c3po.pool import Group, Rollout
+from rlfleet.scheduler.c3po.store import C3poStore, SavedState
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import TextCodec, sample_id
 from rlfleet.scheduler.strategy import (
@@ -102,6 +102,8 @@ class C3poStrategy(RolloutStrategy):
         self.store = store
         self._state: SavedState | None = None
         self._job = ""
+        self._backend: GrpcBackend | None = None
+        """Overlapped scheduling: the streams left generating while the step trains."""
 
     def _load(self, job_id: str) -> SavedState:
         if self._state is None or self._job != job_id:
@@ -141,17 +143,14 @@ class C3poStrategy(RolloutStrategy):
             )
             driver = IterationDriver(state.pool, source, settings)
             try:
-                backend = GrpcBackend(
-                    self.pool,
-                    job_id=ctx.job_id,
-                    version=ctx.version,
-                    sampling=sampling_params(ctx.spec, ctx.step),
-                    limit=ctx.spec.resources.rollout_replicas,
-                )
-                report = driver.run_c3po(backend, step=ctx.step, stop=ctx.stop)
+                backend = self._backend_for(ctx, driver)
+                report = driver.run_c3po(backend, step=ctx.step, version=ctx.version, stop=ctx.stop)
             except BaseException:
+                self._drop_backend()
                 self._state = None  # memory may be half-updated: reload from Redis next time
                 raise
+            if settings.overlap:
+                self._backend = backend  # keeps generating while the step trains
             saved = self.store.save(ctx.job_id, state.pool, step=ctx.step, released=report.released)
             state.step, state.released = ctx.step, report.released
             extra = c3po_metrics.report_metrics(
@@ -171,8 +170,38 @@ class C3poStrategy(RolloutStrategy):
         samples = group_samples(state.released, ctx.codec, job_id=ctx.job_id, step=ctx.step)
         return RolloutResult(samples, {**rollout_metrics(samples, ctx), **extra})
 
+    def _backend_for(self, ctx: StepContext, driver: IterationDriver) -> GrpcBackend:
+        """The overlapped streams if they still run on exactly the replicas that hold
+        this step's version; else (stopped first) a new backend over those replicas."""
+        sampling = sampling_params(ctx.spec, ctx.step)
+        limit = ctx.spec.resources.rollout_replicas
+        kept = self._backend
+        if kept is not None:
+            self._backend = None
+            ready = {r.address for r in self.pool.ready(ctx.job_id, ctx.version, limit=limit)}
+            if ready == {r.address for r in kept.live_replicas()}:
+                kept.sampling = sampling  # new sequences sample with this step's seed
+                return kept
+            driver.abort(kept)  # partials go back to P and resume below
+        return GrpcBackend(
+            self.pool, job_id=ctx.job_id, version=ctx.version, sampling=sampling, limit=limit
+        )
+
+    def _drop_backend(self) -> None:
+        """Stops the overlapped streams (the job failed, was stopped or ended)."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            try:
+                backend.abort()
+            except Exception:  # noqa: BLE001 - the job is ending either way
+                logger.warning("stopping the overlapped rollout streams failed", exc_info=True)
+
+    def pause(self, job_id: str) -> None:
+        self._drop_backend()
+
     def finish(self, job_id: str) -> None:
         """The job ended: rollouts still in P are dropped with its stored state."""
+        self._drop_backend()
         if self._state is not None and self._job == job_id and len(self._state.pool):
             logger.info(
                 "job %s ended with %d unfinished sequences in the C3PO++ pool; dropped",
