@@ -168,6 +168,9 @@ class SchedulingSpec(_Spec):
     overlap: bool = False
     """c3po only: keep generating while the step trains; replicas load each new version in
     flight, between engine iterations (docs/C3PO.md, "Overlapped rollout")."""
+    refill_batch: int = Field(default=0, ge=0)
+    """c3po: free slots of Ω to wait for before refilling P with new groups while rollouts
+    run (0: a quarter of Ω, at least one group), so replicas prefill new prompts in batches."""
     max_staleness: int | None = Field(default=None, ge=0)
     """Most policy versions a trained token may lag the version it is trained against;
     groups with an older token are dropped and counted (c3po). None: σ + 1 when

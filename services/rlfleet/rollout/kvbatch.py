@@ -8,6 +8,12 @@ padding columns no live row uses), ``merge`` appends newly prefilled rows
 token. Trimming and merging edit the cache tensors of plain ``DynamicLayer``
 layers; models whose cache has other layer kinds (sliding windows, linear
 attention) still work, they just do not take in new rows mid-batch.
+
+Plain layers are ``RoomyLayer``s: transformers' ``DynamicLayer`` concatenates the
+whole cache with each new token, so one decode step copied B × S × layers of
+keys and values, which at a few hundred rows of a few hundred tokens was half of
+a step's time on CPU. A roomy layer keeps its keys and values as views into a
+buffer with spare columns and writes each new token into place.
 """
 
 from __future__ import annotations
@@ -22,6 +28,67 @@ from transformers.cache_utils import DynamicLayer
 
 from rlfleet.rollout.engine import SeqRequest
 from rlfleet.rollout.sampling import sample_next
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends in place: ``keys``/``values`` are views of
+    buffers with room for more columns. Anything that replaces ``keys``/``values``
+    (selecting rows, trimming padding, merging batches) simply makes the next update
+    move them into a new buffer, which is the copy ``DynamicLayer`` makes every step."""
+
+    ROOM = 64
+    """Spare columns at least; a buffer also grows by half its length."""
+
+    def __init__(self):
+        super().__init__()
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._owns(n, key_states) or self._kbuf.shape[-2] < n + new:
+            self._rebuffer(n, n + new + max(self.ROOM, (n + new) // 2), key_states)
+        self._kbuf[:, :, n : n + new] = key_states
+        self._vbuf[:, :, n : n + new] = value_states
+        self.keys, self.values = self._kbuf[:, :, : n + new], self._vbuf[:, :, : n + new]
+        return self.keys, self.values
+
+    def _owns(self, n: int, like: torch.Tensor) -> bool:
+        """Whether ``keys``/``values`` are still the first ``n`` columns of our buffers."""
+        kb, vb = self._kbuf, self._vbuf
+        if kb is None or vb is None or n == 0:
+            return kb is not None and n == 0 and kb.shape[:2] == like.shape[:2]
+        return (
+            self.keys.data_ptr() == kb.data_ptr()
+            and self.values.data_ptr() == vb.data_ptr()
+            and self.keys.shape[:2] == kb.shape[:2] == like.shape[:2]
+            and self.keys.stride() == kb.stride()
+            and self.values.stride() == vb.stride()
+        )
+
+    def _rebuffer(self, n: int, capacity: int, like: torch.Tensor) -> None:
+        b, h, _, d = like.shape
+        kb = like.new_zeros((b, h, capacity, d))
+        vb = like.new_zeros((b, h, capacity, self.values.shape[-1] if n else d))
+        if n:
+            kb[:, :, :n] = self.keys
+            vb[:, :, :n] = self.values
+        self._kbuf, self._vbuf = kb, vb
+
+
+def roomy_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for ``config`` whose plain layers append in place."""
+    cache = DynamicCache(config=config)
+    cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _mergeable(layer) -> bool:
+    return type(layer) in (DynamicLayer, RoomyLayer)
 
 
 @dataclass(eq=False)
@@ -60,7 +127,7 @@ class KVBatch:
         self.temps = temps
         self.top_ps = top_ps
         self.next_ids = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
-        self.can_merge = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self.can_merge = all(_mergeable(layer) for layer in cache.layers)
         self.logit_noise_std = logit_noise_std
 
     @classmethod
@@ -84,7 +151,7 @@ class KVBatch:
             mask[i, width - len(seq) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        cache = roomy_cache(model.config)
         out = model(
             input_ids=ids,
             attention_mask=mask,

@@ -35,3 +35,19 @@ POLICY_VERSION = Gauge(
     "rlfleet_rollout_policy_version",
     "Policy version of the weights this replica samples with.",
 )
+ENGINE_PASSES = Counter(
+    "rlfleet_rollout_engine_passes_total",
+    "Forward passes of the PyTorch engine by kind (prefill of admitted rows, decode of the "
+    "batch), and their rows: what a rollout phase's time is made of.",
+    ["kind"],
+)
+ENGINE_PASS_SECONDS = Counter(
+    "rlfleet_rollout_engine_pass_seconds_total",
+    "Seconds the PyTorch engine spent in forward passes, by kind.",
+    ["kind"],
+)
+ENGINE_PASS_ROWS = Counter(
+    "rlfleet_rollout_engine_pass_rows_total",
+    "Rows (sequences) the PyTorch engine's forward passes carried, by kind.",
+    ["kind"],
+)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from rlfleet.rollout import metrics
 from rlfleet.rollout.engine import (
     FINISH_ABORTED,
     FINISH_LENGTH,
@@ -272,6 +274,7 @@ class TorchEngine(RolloutEngine):
         can_join = batch is None or batch.can_merge
         new_rows = self._admit(self.max_batch_seqs - live) if can_join else []
         if new_rows:
+            start = time.perf_counter()
             with self._weights_lock:
                 added = KVBatch.prefill(
                     self._model,
@@ -280,12 +283,15 @@ class TorchEngine(RolloutEngine):
                     version=self._version,
                     logit_noise_std=self.logit_noise_std,
                 )
+            _count_pass("prefill", len(new_rows), start)
             added = self._settle(added)
             if added is not None:
                 batch = added if batch is None else batch.merge(added)
         elif batch is not None:
+            start = time.perf_counter()
             with self._weights_lock:
                 batch.decode(self._model, version=self._version)
+            _count_pass("decode", len(batch.rows), start)
             batch = self._settle(batch)
         with self._cv:
             self._live = len(batch.rows) if batch else 0
@@ -387,6 +393,12 @@ class TorchEngine(RolloutEngine):
             with self._cv:
                 self._started.discard(call)
             call.done.set()
+
+
+def _count_pass(kind: str, rows: int, start: float) -> None:
+    metrics.ENGINE_PASSES.labels(kind).inc()
+    metrics.ENGINE_PASS_ROWS.labels(kind).inc(rows)
+    metrics.ENGINE_PASS_SECONDS.labels(kind).inc(time.perf_counter() - start)
 
 
 def _row(call: GenerateCall, seq: SeqRequest, *, limit: int) -> Row:

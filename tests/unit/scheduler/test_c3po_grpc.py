@@ -277,3 +277,56 @@ def test_cancelled_job_drops_its_pool(make_core, sim_replicas, sim_model_dir):
         assert not core.store.r.exists(f"rlfleet:c3po:{job.job_id}:groups")
     finally:
         scripted.close()
+
+
+def test_overlapped_job_generates_while_training_and_loads_versions_in_flight(
+    make_core, sim_replicas, sim_model_dir
+):
+    """scheduling.overlap: at the budget nothing is aborted; the replicas keep sampling
+    while the step trains, take the new version between engine iterations (tokens
+    before and after it keep their versions), and nothing is trained twice."""
+    servers, servicers = sim_replicas
+    scripted = ScriptedFleet(sim_model_dir, replicas=0)
+    try:
+        core = make_core(
+            replica_addresses=[s.address for s in servers],
+            reward_address=scripted.reward_address,
+            trainer_address=scripted.trainer_address,
+        )
+        spec = _spec(
+            sim_model_dir, token_budget=1200, pool_capacity=32, retention_limit=2, overlap=True
+        )
+        assert spec.scheduling.max_staleness == 3  # σ + 1 unless set
+        job = core.submit(spec.model_dump_json())
+        scripted.trainer.block_at_step = 1
+        worker = threading.Thread(target=core.run_once)
+        worker.start()
+        assert scripted.trainer.at_block.wait(60)
+        # The step trains; the replicas still have sequences of the pool running.
+        assert sum(s.core.running_sequences for s in servicers) > 0
+        scripted.trainer.release.set()
+        worker.join(120)
+        job = core.get(job.job_id)
+        assert job.state == JobState.SUCCEEDED, job.reason
+
+        samples = [s for r in scripted.reward.requests for s in r.samples]
+        ids = [s.sample_id for s in samples]
+        assert len(ids) == len(set(ids))  # nothing trained twice
+        crossed = 0
+        for s in samples:
+            versions = list(s.token_versions)
+            assert versions == sorted(versions) and versions[-1] <= s.step
+            assert s.step - versions[0] <= 3  # max_staleness
+            crossed += versions[0] != versions[-1]
+        records = core.steps(job.job_id)
+        for record in records:
+            m = record.metrics
+            # Nothing was aborted and re-dispatched: a sample that spans versions took
+            # the new one in flight.
+            assert m["c3po_sequences_aborted"] == 0 and m["c3po_sequences_resumed"] == 0
+            assert m["c3po_budget_used"] >= 1200
+        assert crossed > 0
+        # The streams left running at the end of the job were stopped.
+        assert sum(s.core.running_sequences for s in servicers) == 0
+    finally:
+        scripted.close()

@@ -106,17 +106,21 @@ class C3poSettings:
     max_staleness: int | None = None
     """Most versions a trained token may lag the version it is trained against
     (None: no bound beyond what σ implies)."""
+    refill_batch: int = 0
+    """Free slots P waits for before it is refilled while rollouts run (0: one group)."""
 
     @classmethod
     def from_spec(cls, spec) -> C3poSettings:
         s = spec.scheduling
+        capacity = s.pool_capacity or 2 * spec.samples_per_step
         return cls(
             token_budget=s.token_budget,
-            pool_capacity=s.pool_capacity or 2 * spec.samples_per_step,
+            pool_capacity=capacity,
             retention_limit=s.retention_limit,
             group_size=spec.algorithm.group_size,
             overlap=s.overlap,
             max_staleness=s.max_staleness,
+            refill_batch=s.refill_batch or max(spec.algorithm.group_size, capacity // 4),
         )
 
 
@@ -141,6 +145,8 @@ class IterationReport:
     """Sequences dispatched from a prefix carried over from an earlier iteration."""
     aborted: int = 0
     rollout_seconds: float = 0.0
+    abort_seconds: float = 0.0
+    """Of ``rollout_seconds``: from calling Abort until every replica handed back."""
     decision_seconds: float = 0.0
     """CPU time of the driver and pool code: everything but the backend's calls (network
     and replicas in production, the event simulation in simulation). CPU time, so that a
@@ -191,7 +197,7 @@ class IterationDriver:
         t = time.thread_time()
         queued = backend.wait(0.0) if self.pool.in_flight() else []
         waited += time.thread_time() - t
-        self._handle(queued, None, report, budget=s.token_budget)
+        self._handle(queued, None, report, budget=0)  # completed groups stay in P for now
         report.purged = self.pool.purge(s.retention_limit)
         if s.max_staleness is not None:
             report.stale = self.pool.purge_stale(self._version - s.max_staleness)
@@ -201,11 +207,15 @@ class IterationDriver:
             t = time.thread_time()
             partials = backend.abort()
             waited += time.thread_time() - t
-            self._handle(partials, None, report, budget=s.token_budget)
+            self._handle(partials, None, report, budget=0)
             self._settle_in_flight()
+        report.deferred = 0  # counted below: those left in P once C reaches Φ
         # Groups that completed while the replicas were stopping (or, overlapped, while
-        # the step trained) end first.
+        # the step trained) end first, up to Φ; the rest wait for the next iteration.
         for group in sorted((g for g in self.pool if g.finished), key=lambda g: g.serial):
+            if report.budget_used >= s.token_budget:
+                report.deferred += 1
+                continue
             self._release(group, report)
         carried_units = self.pool.resume_order()
         report.resumed = sum(len(members) for _, members in carried_units)
@@ -228,9 +238,10 @@ class IterationDriver:
             if report.budget_used < s.token_budget:
                 waited += self._refill(backend, report)
         if not s.overlap:
-            t = time.thread_time()
+            t, stopping = time.thread_time(), backend.now()
             late = backend.abort()
             waited += time.thread_time() - t
+            report.abort_seconds = backend.now() - stopping
             report.aborted = sum(isinstance(e, Progress) and not e.finished for e in late)
             # Sequences that finished while the replicas stopped keep their tokens; a
             # group they complete is deferred to the next iteration (the budget is spent).
@@ -308,8 +319,13 @@ class IterationDriver:
     def _refill(self, backend: RolloutBackend, report: IterationReport) -> float:
         """Tops P up to Ω with whole new groups, dispatched after everything carried."""
         units = []
-        g = self.settings.group_size
-        while self.pool.free_slots(self.settings.pool_capacity) >= g:
+        s = self.settings
+        g = s.group_size
+        # Refill only once ``refill_batch`` slots are free (while anything still runs), so a
+        # replica prefills many new sequences in one pass rather than one group per pass.
+        if backend.in_flight and self.pool.free_slots(s.pool_capacity) < max(g, s.refill_batch):
+            return 0.0
+        while self.pool.free_slots(s.pool_capacity) >= g:
             units.append(self._new_group(report.step, report))
         return self._submit(backend, units)
 

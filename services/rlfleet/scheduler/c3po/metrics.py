@@ -9,6 +9,7 @@ Step-record keys (floats, as every step metric):
   ``c3po_pool_sequences`` (unfinished in P)
 - ``c3po_retention_<r>``: trained samples whose rollout was carried over r times
 - ``c3po_decision_seconds``: scheduling code time in the rollout phase
+- ``c3po_abort_seconds``: time from Abort until every replica handed its partials back
 - ``replica_idle_seconds_mean`` / ``_max``: replica time with nothing to generate
 - for every strategy: ``version_min`` / ``version_max`` / ``version_span`` (max − min
   over every token of the trained samples), ``version_lag_max`` (policy version at
@@ -116,6 +117,7 @@ def report_metrics(report, *, token_budget: int, pool_sequences: int) -> dict[st
         "c3po_sequences_stale": float(stale_seqs),
         "c3po_pool_sequences": float(pool_sequences),
         "c3po_decision_seconds": report.decision_seconds,
+        "c3po_abort_seconds": report.abort_seconds,
     }
     for r, n in sorted(report.retention_counts().items()):
         out[f"c3po_retention_{r}"] = float(n)
