@@ -108,9 +108,10 @@ class TrlTimers:
         return out
 
 
-def summarise(per_step: list[dict[str, float]]) -> dict:
-    """Median seconds per phase and each phase's share of the total, first step left out."""
-    steady = per_step[1:] if len(per_step) > 1 else per_step
+def summarise(per_step: list[dict[str, float]], *, skip_first: bool = True) -> dict:
+    """Median seconds per phase and each phase's share of the total, first step left out
+    (``skip_first=False``: the caller pooled steady steps of several runs already)."""
+    steady = per_step[1:] if skip_first and len(per_step) > 1 else per_step
     totals = {p: sum(s[p] for s in steady) for p in PHASES}
     grand = sum(totals.values()) or 1.0
     return {
@@ -132,7 +133,7 @@ def table(breakdown: dict[str, dict]) -> str:
         cells = []
         for n in names:
             b = breakdown[n]
-            if phase in ("publish", "replica_load") and n == "trl":
+            if phase in ("publish", "replica_load") and n.startswith("trl"):
                 cells.append(f"{'(in process)':>22}")
             else:
                 cells.append(f"{b['median_s'][phase]:>13.3f}s {b['share'][phase]:>6.0%}")

@@ -9,11 +9,16 @@ micro-batches, gradient clipping, AdamW, the step metrics, store the result,
 acknowledge the entries. Publishing to weight-sync is switched off
 (``NoPublisher``; bench/weightsync.py measures it) and no checkpoint falls due.
 
-Plain loop (the baseline a person would write): the same padded micro-batches,
-built once beforehand; per step forward with gradient, response log-probs, the
-same loss function (``icepop_ppo_loss``) with θ_old = the current weights
-detached — exact for one optimizer step per batch, which is what both sides
-take — backward, clipping, AdamW.
+Plain loop (the baseline a person would write, ``PlainLoop``): plain torch +
+transformers, no rlfleet function; the step's samples turned into tensors once
+beforehand (prompt + completion right-padded, as for supervised training); per
+step GRPO advantages, forward with gradient, next-token log-probs kept at the
+completion's positions, the PPO-clip loss with IcePop's mask written out by hand from the
+same formulas as ``trainer/losses.py`` (θ_old = the current weights detached —
+exact for one optimizer step per batch, which is what both sides take),
+backward, clipping, AdamW. Its first step, from the same weights on the same
+batch as rlfleet's, gives the same loss and gradient norm (printed, and in the
+JSON as ``same_math``), which checks that both compute the same step.
 
 Both start from the same weights and see the same batch; steps alternate
 between the two so machine noise falls on both alike. Training tokens per
@@ -47,21 +52,24 @@ CACHE_DIR = _common.REPO_ROOT / "runs" / "bench-cache"
 TARGET = 0.9  # issue #9: at least 90% of the plain loop's tokens per second
 # The step's phases, as (label, file suffix, function name) in a cProfile: the largest
 # cumulative time among matching entries (wrappers share names). ``nested`` phases are
-# inside another one and left out of the sum.
-PHASES: list[tuple[str, str, str, bool]] = [
-    ("buffer read + decode (JobTrainer._take)", "trainer/job.py", "_take", False),
-    ("result lookups (TrainerStore.get_result)", "trainer/state.py", "get_result", False),
-    ("Sample -> TrainSample (to_train_sample)", "trainer/batching.py", "to_train_sample", False),
-    ("advantages (group_advantages)", "trainer/losses.py", "group_advantages", False),
-    ("collation (micro_batches)", "trainer/batching.py", "micro_batches", False),
-    ("forward + log-probs (response_logprobs)", "trainer/batching.py", "response_logprobs", False),
-    ("entropy at masked tokens (token_entropy)", "trainer/losses.py", "token_entropy", False),
-    ("loss (icepop_ppo_loss)", "trainer/losses.py", "icepop_ppo_loss", False),
-    ("backward", "~", "run_backward", False),
-    ("clipping (clip_grad_norm_)", "torch/nn/utils/clip_grad.py", "clip_grad_norm_", False),
-    ("AdamW step", "torch/optim/adam.py", "step", False),
-    ("step metrics (mismatch_metrics)", "trainer/losses.py", "mismatch_metrics", False),
-    ("store result, ack, log (JobTrainer._finish)", "trainer/job.py", "_finish", False),
+# inside another one and left out of the sum. The last field is the plain loop's function
+# for the same phase (in this file), or None where both sides call the same torch function
+# (backward, clipping, AdamW) or the plain loop has no such phase (its data is built once).
+PLAIN = "bench/trainer.py"
+PHASES: list[tuple[str, str, str, bool, str | None]] = [
+    ("buffer read + decode (JobTrainer._take)", "trainer/job.py", "_take", False, None),
+    ("result lookups (TrainerStore.get_result)", "trainer/state.py", "get_result", False, None),
+    ("Sample -> TrainSample (to_train_sample)", "trainer/batching.py", "to_train_sample", False, None),
+    ("advantages (group_advantages)", "trainer/losses.py", "group_advantages", False, "advantages"),
+    ("collation (micro_batches)", "trainer/batching.py", "micro_batches", False, None),
+    ("forward + log-probs (response_logprobs)", "trainer/batching.py", "response_logprobs", False, "logprobs"),
+    ("entropy at masked tokens (token_entropy)", "trainer/losses.py", "token_entropy", False, None),
+    ("loss (icepop_ppo_loss)", "trainer/losses.py", "icepop_ppo_loss", False, "loss"),
+    ("backward", "~", "run_backward", False, None),
+    ("clipping (clip_grad_norm_)", "torch/nn/utils/clip_grad.py", "clip_grad_norm_", False, None),
+    ("AdamW step", "torch/optim/adam.py", "step", False, None),
+    ("step metrics (mismatch_metrics)", "trainer/losses.py", "mismatch_metrics", False, None),
+    ("store result, ack, log (JobTrainer._finish)", "trainer/job.py", "_finish", False, None),
 ]  # fmt: skip
 
 
@@ -132,52 +140,130 @@ def make_samples(model, *, groups: int, group_size: int, max_completion: int, se
 
 
 class PlainLoop:
+    """The baseline a person would write with plain torch + transformers: no rlfleet code.
+
+    Data: the step's samples as tensors, built once (prompt + completion, right-padded, as
+    for supervised training, and a mask of the positions whose next token is a completion
+    token). Per step: GRPO advantages, forward, the completion tokens' log-probs (the
+    masked positions' logits selected into one packed [tokens, vocabulary] tensor before
+    the softmax), the PPO-clip loss with IcePop's mask per token, summed per sequence,
+    backward, clipping, AdamW. The math is rlfleet's (``trainer/losses.py``), written out again here:
+
+        A_i = (r_i − mean_g r) / (std_g r + 1e-6), 0 for a group without contrast
+        k = exp(logp_old − logp_infer);  w = k if α ≤ k ≤ β else 0   (IcePop; TIS: min(k, C))
+        ρ = exp(logp − logp_old)
+        L = −(1/G) Σ_i (1/|y_i|) Σ_t w_it · min(ρ_it A_i, clip(ρ_it, 1−ε, 1+ε) A_i)
+
+    with logp_old = logp detached (one optimizer step per batch, as the service takes).
+    """
+
     def __init__(self, model_path: Path, spec, samples):
         import torch
-        from rlfleet.trainer.batching import micro_batches, to_train_sample
-        from rlfleet.trainer.job import _pad_id, load_causal_lm
-        from rlfleet.trainer.losses import group_advantages
+        from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = load_causal_lm(model_path, dtype="float32", device=torch.device("cpu"))
-        alg = spec.algorithm
-        self.alg, self.corr = alg, spec.correction
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+        model.config.use_cache = False
+        self.model = model.eval()  # no dropout: θ_old and θ must be the same function
+        alg, corr = spec.algorithm, spec.correction
+        self.alg, self.corr = alg, corr
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=alg.lr,
             betas=tuple(alg.betas),
             weight_decay=alg.weight_decay,
         )
-        vocab = self.model.get_input_embeddings().num_embeddings
-        ts = [to_train_sample(s, vocab_size=vocab) for s in samples]
-        adv = group_advantages([s.reward for s in ts], [s.group_id for s in ts])
-        self.batches = micro_batches(ts, adv, size=alg.micro_batch_size, pad_id=_pad_id(self.model))
-        self.n = len(ts)
+        self.temperature = spec.sampling.temperature or 1.0
+        pad = model.config.pad_token_id
+        pad = pad if isinstance(pad, int) and pad >= 0 else 0
+        self.rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(s.group_id or s.sample_id, []).append(i)
+        self.groups = [torch.tensor(rows) for rows in groups.values()]
+        self.n = len(samples)
+        size = alg.micro_batch_size
+        self.batches = [
+            self._tensors(list(range(i, min(i + size, self.n))), samples, pad)
+            for i in range(0, self.n, size)
+        ]
 
-    def step(self) -> None:
-        from rlfleet.trainer.batching import response_logprobs
-        from rlfleet.trainer.losses import icepop_ppo_loss
-
+    def _tensors(self, rows: list[int], samples, pad: int) -> dict:
         torch = self.torch
+        seqs = [
+            (samples[r].prompt_token_ids, samples[r].completion_token_ids, samples[r]) for r in rows
+        ]
+        width = max(len(p) + len(c) for p, c, _s in seqs)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        # Column t of this mask: the logit at t scores a completion token (the one at t + 1).
+        scored = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+        logp_infer = []
+        for j, (prompt, completion, sample) in enumerate(seqs):
+            n, end = len(prompt), len(prompt) + len(completion)
+            ids[j, :end] = torch.tensor([*prompt, *completion])
+            mask[j, :end] = 1
+            scored[j, n - 1 : end - 1] = True
+            logp_infer += sample.inference_logprobs
+        lengths = torch.tensor([len(c) for _p, c, _s in seqs], dtype=torch.float32)
+        return {
+            "rows": torch.tensor(rows),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "scored": scored,
+            "targets": ids[:, 1:][scored],  # [tokens], row by row
+            "token_row": torch.arange(len(rows))[:, None].expand_as(scored)[scored],
+            "lengths": lengths,
+            "logp_infer": torch.tensor(logp_infer),
+        }
+
+    def advantages(self):
+        torch = self.torch
+        adv = torch.zeros(self.n)
+        for rows in self.groups:
+            r = self.rewards[rows]
+            if len(rows) > 1 and bool((r != r[0]).any()):
+                adv[rows] = (r - r.mean()) / (r.std() + 1e-6)
+        return adv
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step over the batch; returns the loss and the gradient norm."""
+        torch, alg = self.torch, self.alg
+        adv_all = self.advantages()
         self.opt.zero_grad(set_to_none=True)
-        for mb in self.batches:
-            logp, _ = response_logprobs(self.model, mb, temperature=1.0)
-            parts = icepop_ppo_loss(
-                logp=logp,
-                logp_old=logp.detach(),
-                logp_infer=mb.logp_infer,
-                advantages=mb.advantages,
-                valid=mb.valid,
-                num_samples=self.n,
-                clip_eps=self.alg.clip_eps,
-                kind=self.corr.kind,
-                alpha=self.corr.alpha,
-                beta=self.corr.beta,
-                cap=self.corr.tis_cap,
-            )
-            parts.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.alg.max_grad_norm)
+        total = 0.0
+        for b in self.batches:
+            logp = self.logprobs(b)
+            loss = self.loss(logp, b, adv_all[b["rows"]])
+            loss.backward()
+            total += float(loss.detach())
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), alg.max_grad_norm)
         self.opt.step()
+        return total, float(norm)
+
+    def logprobs(self, b: dict):
+        """log softmax(logits / T) at every completion token, packed: [tokens]."""
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        scores = logits[:, :-1][b["scored"]].float() / self.temperature  # [tokens, vocabulary]
+        return scores.log_softmax(-1).gather(-1, b["targets"][:, None]).squeeze(-1)
+
+    def loss(self, logp, b: dict, adv):
+        """This micro-batch's share of L (see the class docstring)."""
+        torch, alg, corr = self.torch, self.alg, self.corr
+        logp_old = logp.detach()
+        k = torch.exp(logp_old - b["logp_infer"])
+        if corr.kind == "icepop":
+            w = torch.where((k >= corr.alpha) & (k <= corr.beta), k, torch.zeros_like(k))
+        elif corr.kind == "tis":
+            w = k.clamp(max=corr.tis_cap)
+        else:
+            w = torch.ones_like(k)
+        adv = adv[b["token_row"]]  # each token gets its sample's advantage
+        ratio = torch.exp(logp - logp_old)
+        clipped = ratio.clamp(1 - alg.clip_eps, 1 + alg.clip_eps)
+        per_token = w * torch.minimum(ratio * adv, clipped * adv)
+        per_seq = torch.zeros(len(b["lengths"])).index_add(0, b["token_row"], per_token)
+        return -(per_seq / b["lengths"].clamp(min=1)).sum() / self.n
 
 
 def profiled(fn, steps: int) -> pstats.Stats:
@@ -201,10 +287,12 @@ def cumulative(stats: pstats.Stats, file_suffix: str, func: str) -> float | None
     return max(cums) if cums else None
 
 
-def phase_seconds(stats: pstats.Stats, steps: int) -> dict[str, float]:
-    """Seconds per step of each of PHASES found in ``stats``."""
+def phase_seconds(stats: pstats.Stats, steps: int, *, plain: bool = False) -> dict[str, float]:
+    """Seconds per step of each of PHASES found in ``stats`` (``plain``: the plain loop's)."""
     out = {}
-    for label, file_suffix, func, _nested in PHASES:
+    for label, file_suffix, func, _nested, plain_func in PHASES:
+        if plain and plain_func:
+            file_suffix, func = PLAIN, plain_func
         cum = cumulative(stats, file_suffix, func)
         if cum is not None:
             out[label] = cum / steps
@@ -229,7 +317,7 @@ def top_cumulative(stats: pstats.Stats, steps: int, n: int = 15) -> list[str]:
 
 def where_time_goes(ours: pstats.Stats, plain: pstats.Stats, steps: int) -> list[str]:
     """The rlfleet step by phase against the plain loop's share of the same phase."""
-    mine, base = phase_seconds(ours, steps), phase_seconds(plain, steps)
+    mine, base = phase_seconds(ours, steps), phase_seconds(plain, steps, plain=True)
     # The timed parts only: ours_step also appends the samples (reward's work).
     total_ours = cumulative(ours, "trainer/job.py", "train_step") / steps
     total_plain = cumulative(plain, __file__, "step") / steps
@@ -238,7 +326,7 @@ def where_time_goes(ours: pstats.Stats, plain: pstats.Stats, steps: int) -> list
         f"extra {total_ours - total_plain:+.4f} s/step"
     ]
     attributed = 0.0
-    for label, _f, _n, nested in PHASES:
+    for label, _f, _n, nested, _p in PHASES:
         if label not in mine:
             continue
         extra = mine[label] - base.get(label, 0.0)
@@ -295,23 +383,50 @@ def bench_model(name: str, path: Path, *, quick: bool, redis_url: str, tmp: Path
     trainer.init_job()
     plain = PlainLoop(path, spec, samples)
 
+    last: dict[str, tuple[float, float]] = {}  # side -> (loss, gradient norm) of its last step
+
     def ours_step(step: int) -> float:
         for s in samples:  # reward's part: fresh ids each step (the buffer dedupes ids)
             s.sample_id = f"s{step}-{s.sample_id.split('-', 1)[1]}"
         buffer.append(job, samples)
         start = time.perf_counter()
-        trainer.train_step(step, len(samples))
-        return time.perf_counter() - start
+        result = trainer.train_step(step, len(samples))
+        seconds = time.perf_counter() - start
+        last["rlfleet"] = (result.metrics["loss"], result.metrics["grad_norm"])
+        return seconds
 
     def plain_step() -> float:
         start = time.perf_counter()
-        plain.step()
-        return time.perf_counter() - start
+        out = plain.step()
+        seconds = time.perf_counter() - start
+        last["plain"] = out
+        return seconds
 
     for s in samples:
         s.sample_id = "x-" + s.sample_id
-    ours_step(0)  # warm-up, both sides
+    # Warm-up, both sides, from the same weights on the same batch: the same math gives the
+    # same loss and gradient norm (up to float rounding), which checks the plain loop.
+    ours_step(0)
     plain_step()
+    same_math = {
+        "loss": {"rlfleet": last["rlfleet"][0], "plain": last["plain"][0]},
+        "grad_norm": {"rlfleet": last["rlfleet"][1], "plain": last["plain"][1]},
+    }
+    for pair in same_math.values():
+        pair["abs_diff"] = abs(pair["rlfleet"] - pair["plain"])
+    # The loss of a one-step GRPO batch is ~0 (ρ = 1 and advantages centred per group), so
+    # it is compared absolutely; the gradient norm, which carries the step, relatively.
+    grad = same_math["grad_norm"]
+    agree = same_math["loss"]["abs_diff"] <= 1e-5 and grad["abs_diff"] <= 1e-3 * max(
+        grad["rlfleet"], 1e-12
+    )
+    print(
+        f"  {name}: first step from the same weights, rlfleet vs plain loop: loss "
+        f"{same_math['loss']['rlfleet']:.6g} vs {same_math['loss']['plain']:.6g}, gradient norm "
+        f"{same_math['grad_norm']['rlfleet']:.6g} vs {same_math['grad_norm']['plain']:.6g}"
+        + ("" if agree else "  WARNING: the two do not compute the same step"),
+        flush=True,
+    )
     ours_t, plain_t = [], []
     for i in range(steps):
         if i % 2 == 0:
@@ -342,6 +457,8 @@ def bench_model(name: str, path: Path, *, quick: bool, redis_url: str, tmp: Path
         "ours_tokens_per_s": tokens / ours_med,
         "plain_tokens_per_s": tokens / plain_med,
         "frac_of_plain": plain_med / ours_med,
+        "same_math": same_math,
+        "same_math_ok": agree,
         "load": _common.load(),
         "profile_cumulative": top,
         "profile_top": where,

@@ -3,11 +3,19 @@
 Same model (the demo's warm-started tiny Llama, rlfleet.cli.demo_model), task
 (reasoning-gym basic_arithmetic with the demo's parameters and prompt
 template), verifier (rlfleet's reasoning_gym verifier, first-line answer),
-prompts in the same order, group size, prompts per step, steps, seed, learning
+prompts in the same order, group size, prompts per step, steps, seeds, learning
 rate and AdamW settings, temperature 1.0 / top-p 1 / no top-k, max new tokens,
 clip ε = 0.2, no KL term, GRPO advantages scaled by the group std, loss
 averaged per sequence then over samples (TRL ``loss_type="grpo"``), one
 optimizer step per batch, gradient clipping at 1.0, one micro-batch per step.
+
+Same cores: this process pins itself to one CPU set before it starts anything
+(``--cpus``, default every CPU it may use), so every rlfleet process and TRL run
+on the same CPUs. TRL runs every seed on one torch thread and the first seed
+again on as many threads as the set has CPUs; each speed verdict takes TRL's
+better configuration (``--trl-threads N``: N threads, every seed, only).
+rlfleet's services run one thread each, several computing at once
+(``_vs_trl_cpu.py``).
 
 What differs, by design of the two systems:
 - rlfleet runs as processes on loopback: scheduler, 2 rollout replicas (torch
@@ -15,8 +23,7 @@ What differs, by design of the two systems:
   and Redis; each step crosses gRPC and the Redis buffer, and the new weights
   go trainer → weight-sync → every replica. TRL runs in one process: HF
   ``generate`` (static batch: a step decodes until its longest sequence ends,
-  finished rows included), reward and training in-process (one torch thread
-  by default, ``--trl-threads``: faster than two for this 64-wide model).
+  finished rows included), reward and training in-process.
 - rlfleet's weights cross processes every step: the trainer publishes each
   version to weight-sync and every replica pulls and loads it; TRL's generate
   and training share one model object.
@@ -24,15 +31,20 @@ What differs, by design of the two systems:
 Two jobs: ``arithmetic`` (the demo job, short answers) and ``long_tail`` (a
 model warm-started to sometimes pad its answer with a long run of filler, so a
 few sequences per step run ~15x longer than the rest — the shape of reasoning
-outputs). rlfleet runs ``long_tail`` in sync mode and, in the full run, with
-C3PO++ scheduling as well.
+outputs). Each runs once per seed (``--seeds``, 0,1,2 by default, ``--quick``
+too) on each system; the fleet is started once and runs every job one after the
+other. rlfleet runs ``long_tail`` in sync mode and, in the full run, with C3PO++
+scheduling as well (first seed only, printed for information).
 
-Per-step wall time is the time between the ends of consecutive steps (the
-first step, which pays for warm-up, is left out), the median over steps. Each
-step is also split into phases (generation, reward, train, publish, replica
-load, other; ``_vs_trl_phases.py``) for both systems, printed side by side and
-written under ``breakdown``; the targets are judged in ``_vs_trl_verdict.py``,
-and a miss says by how much and in which phases rlfleet is slower.
+Per-step wall time is the time between the ends of consecutive steps (each
+run's first step, which pays for warm-up, is left out), the median over the
+steady steps of every seed. Each step is also split into phases (generation,
+reward, train, publish, replica load, other; ``_vs_trl_phases.py``) for both
+systems, printed side by side and written under ``breakdown``, and costed in
+CPU-seconds of every process. The targets are judged in ``_vs_trl_verdict.py``:
+speed by wall time and by CPU-s per step, reward over seeds (within 2 combined
+standard errors over at least 3 seeds counts as met); a miss says by how much
+and where rlfleet spends the extra.
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ from pathlib import Path
 import _common
 import _vs_trl_cpu as cpu
 import _vs_trl_phases as phases
+import _vs_trl_report as report_
+import _vs_trl_seeds as over_seeds
 import _vs_trl_verdict as verdict
 
 CACHE_DIR = _common.REPO_ROOT / "runs" / "bench-cache"
@@ -94,7 +108,7 @@ def job_spec(model: Path, variant: str, *, quick: bool, mode: str = "sync", seed
     else:
         groups, steps, max_new = (8, 16, 96) if quick else (16, 30, 96)
     return {
-        "name": f"bench-vs-trl-{variant}-{mode}",
+        "name": f"bench-vs-trl-{variant}-{mode}-s{seed}",
         "model": {"path": str(model), "dtype": "float32"},
         "task": {
             "kind": "reasoning_gym",
@@ -128,77 +142,74 @@ def job_spec(model: Path, variant: str, *, quick: bool, mode: str = "sync", seed
     }
 
 
-def step_times(ends: list[float], start: float) -> list[float]:
-    """Seconds per step from the wall-clock ends of consecutive steps."""
-    times, prev = [], start
-    for end in ends:
-        times.append(end - prev)
-        prev = end
-    return times
-
-
-def summarise(name: str, times: list[float], rewards: list[float], lengths, samples: int, wall):
-    steady = times[1:] if len(times) > 1 else times
-    med = statistics.median(steady)
-    return {
-        "system": name,
-        "step_s": times,
-        "step_s_median": med,
-        "samples_per_s": samples / med,
-        "rewards": rewards,
-        "reward_first5": statistics.fmean(rewards[:5]),
-        "reward_last5": statistics.fmean(rewards[-5:]),
-        "response_length_mean": lengths,
-        "wall_s": wall,
-        "load": _common.load(),
-    }
-
-
 # ----------------------------------------------------------------------------- rlfleet
-def run_rlfleet(spec: dict, run_dir: Path, label: str) -> dict:
+def run_rlfleet(jobs: list[tuple[str, dict, str]], run_dir: Path, cpus: list[int]) -> dict:
+    """Every ``(key, spec, label)`` job through one fleet, one after the other; key → figures.
+
+    The fleet starts once (~25 s on 2 busy cores: seven processes importing torch and
+    gRPC); each job's figures start at its submission, as TRL's start at its trainer."""
     from rlfleet.cli.fleet import Fleet, FleetOptions
-    from rlfleet.cli.scheduler_client import TERMINAL_STATES, SchedulerClient
+    from rlfleet.cli.scheduler_client import SchedulerClient
 
     started = time.monotonic()
     fleet = Fleet(FleetOptions(run_dir=run_dir, rollout_replicas=2, log_format="json"))
     fleet.start()
+    out: dict[str, dict] = {"fleet_start_s": time.monotonic() - started}
     try:
-        client = SchedulerClient(fleet.scheduler_address)
         pids = {name: proc.pid for name, proc in fleet.procs.items()}
         if fleet.redis is not None:
             pids["redis"] = fleet.redis.pid
-        meter = cpu.StepCpuMeter(pids)
-        submitted = time.time()
-        job = client.submit(spec)
-        while True:
-            job = client.get(job.job_id)
-            meter.sample(job.current_step)
-            if job.state in TERMINAL_STATES:
-                break
-            dead = fleet.dead()
-            if dead:
-                raise RuntimeError(f"{', '.join(dead)} exited; see {run_dir}/<service>.log")
-            time.sleep(0.2)
-        records = client.steps(job.job_id)
-        client.close()
+        cpu.check_pinned(pids, cpus)
+        print(
+            f"  fleet started in {out['fleet_start_s']:.0f}s: {len(pids)} processes "
+            f"({', '.join(pids)}), all on CPUs {cpus}",
+            flush=True,
+        )
+        client = SchedulerClient(fleet.scheduler_address)
+        try:
+            for key, spec, label in jobs:
+                print(f"[{key}] {label}: {spec['steps']} steps ({_common.load_note()})", flush=True)
+                out[key] = rlfleet_job(client, fleet, spec, label, pids, run_dir)
+        finally:
+            client.close()
     finally:
         fleet.stop()
+    return out
+
+
+def rlfleet_job(client, fleet, spec: dict, label: str, pids: dict[str, int], run_dir: Path):
+    from rlfleet.cli.scheduler_client import TERMINAL_STATES
+
+    started = time.monotonic()
+    meter = cpu.StepCpuMeter(pids)
+    submitted = time.time()
+    job = client.submit(spec)
+    while True:
+        job = client.get(job.job_id)
+        meter.sample(job.current_step)
+        if job.state in TERMINAL_STATES:
+            break
+        dead = fleet.dead()
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited; see {run_dir}/<service>.log")
+        time.sleep(0.2)
     if job.state != "succeeded":
         raise RuntimeError(f"rlfleet job {job.state}: {job.reason}; see {run_dir}")
-    records = sorted(records, key=lambda r: r.step)
+    records = sorted(client.steps(job.job_id), key=lambda r: r.step)
     ends = [r.finished_at for r in records]
     first_start = ends[0] - records[0].metrics.get("step_seconds", ends[0] - submitted)
-    times = step_times(ends, first_start)
-    out = summarise(
+    times = over_seeds.step_times(ends, first_start)
+    out = over_seeds.run_figures(
         label,
+        spec["seed"],
         times,
         [r.metrics.get("reward_mean", 0.0) for r in records],
         [r.metrics.get("response_length_mean", 0.0) for r in records],
         statistics.median(r.metrics.get("samples_trained", 0.0) for r in records),
         time.monotonic() - started,
     )
-    out["breakdown"] = phases.summarise(phases.rlfleet_phases(records, times))
-    out["breakdown"]["cpu_s_per_step"] = meter.per_step()
+    out["phase_steps"] = phases.rlfleet_phases(records, times)
+    out["cpu_s_per_step"] = meter.per_step()
     steady = records[1:] or records
     out["generation_detail"] = {
         "tokens_median": statistics.median(r.metrics.get("tokens_generated", 0.0) for r in steady),
@@ -215,7 +226,8 @@ def run_rlfleet(spec: dict, run_dir: Path, label: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- TRL
-def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
+def run_trl(spec: dict, out_dir: Path, *, threads: int, name: str = "trl") -> dict:
+    """One TRL run of the job (one seed) in this process, on ``threads`` torch threads."""
     import torch
     from datasets import Dataset
     from rlfleet.common.jobspec import JobSpec
@@ -324,17 +336,19 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
     trainer.remove_callback(PrinterCallback)  # its per-step log dicts would drown the report
     timers.install(trainer)
     trainer.train()
-    times = step_times(clock.ends, clock.start)
-    out = summarise(
-        "trl",
+    times = over_seeds.step_times(clock.ends, clock.start)
+    out = over_seeds.run_figures(
+        name,
+        job.seed,
         times,
         [log["reward"] for log in clock.logs],
         [log.get("completions/mean_length", 0.0) for log in clock.logs],
         batch,
         time.monotonic() - started,
     )
-    out["breakdown"] = phases.summarise(timers.phases(times))
-    out["breakdown"]["cpu_s_per_step"] = meter.per_step()
+    out["phase_steps"] = timers.phases(times)
+    out["cpu_s_per_step"] = meter.per_step()
+    out["torch_threads"] = threads
     steady = clock.logs[1:] or clock.logs
     longest = statistics.median(log.get("completions/max_length", 0.0) for log in steady)
     out["generation_detail"] = {
@@ -353,31 +367,11 @@ def run_trl(spec: dict, out_dir: Path, *, threads: int) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- plots
-def plot(variant: str, results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for r in results:
-        steps = range(len(r["rewards"]))
-        ax1.plot(steps, r["rewards"], marker=".", label=r["system"])
-        ax2.plot(steps, r["step_s"], marker=".", label=r["system"])
-    ax1.set(title=f"{variant}: mean reward per step", xlabel="step", ylabel="reward")
-    ax2.set(title=f"{variant}: wall time per step", xlabel="step", ylabel="seconds")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 # ----------------------------------------------------------------------------- main
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument(
@@ -385,50 +379,108 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plots", type=Path, default=_common.RESULTS_DIR, help="where the PNG plots go")
     p.add_argument(
-        "--trl-threads",
-        type=int,
-        default=1,
-        help="torch threads for TRL (1: faster than 2 for a 64-wide model, and steadier on a "
-        "shared machine; rlfleet's services run one thread each)",
+        "--seeds",
+        type=int_list,
+        default=[0, 1, 2],
+        help="the jobs' seeds (sampling, both systems' torch RNG; prompts stay the same), "
+        "comma-separated; each job runs once per seed on each system. The reward verdict "
+        f"allows for noise only with >= {verdict.MIN_SEEDS} seeds",
     )
     p.add_argument(
-        "--seed",
+        "--cpus",
+        type=int_list,
+        default=None,
+        help="the CPUs both systems are pinned to, comma-separated (default: every CPU this "
+        "process may use)",
+    )
+    p.add_argument(
+        "--trl-threads",
         type=int,
         default=0,
-        help="the job's seed (sampling, both systems' torch RNG); prompts stay the same. Both "
-        "systems are deterministic per seed, so other seeds are how to see reward noise",
+        help="torch threads for TRL, every seed (0: one thread every seed, and as many as "
+        "--cpus has CPUs on the first seed; each speed verdict takes TRL's better "
+        "configuration)",
     )
     args = p.parse_args(argv)
     started = time.monotonic()
-    print(f"rlfleet vs TRL ({_common.load_note()})", flush=True)
+    seeds = args.seeds
+    cpus = cpu.pin(args.cpus)
+    # TRL runs every seed on one thread ("trl": the reward verdict's runs) and the first
+    # seed again on as many threads as the set has CPUs ("trl-Nt"). On this 64-wide model
+    # two threads can be faster per step but always cost more CPU (OpenMP's threads spin
+    # while they wait) and stall for seconds when other work preempts one of them, so each
+    # speed verdict takes TRL's better configuration on these cores.
+    trl_threads = args.trl_threads or 1
+    alt_threads = len(cpus) if not args.trl_threads and len(cpus) > 1 else None
+    same_cores = (
+        f"both systems pinned to CPUs {cpus} (sched_setaffinity before anything starts; the "
+        f"fleet's processes inherit it); TRL: one process, {trl_threads} torch thread(s) every "
+        "seed"
+        + (
+            f" and {alt_threads} on the first seed ('trl-{alt_threads}t'); each speed verdict "
+            "takes TRL's better configuration"
+            if alt_threads
+            else ""
+        )
+        + "; rlfleet: 7 processes (Redis, scheduler, reward, trainer, weight-sync, 2 rollout "
+        "replicas), one torch thread each"
+    )
+    print(f"rlfleet vs TRL ({_common.load_note()}); seeds {seeds}\nsame cores: {same_cores}")
     variants = [v for v in args.variants.split(",") if v]
     report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="rlfleet-bench-vs-trl-") as tmp:
+        models = {}
         for variant in variants:
             print(f"[{variant}] preparing the model", flush=True)
-            model = demo_model() if variant == "arithmetic" else long_tail_model()
-            runs = []
-            modes = ["sync"] + (["c3po"] if variant == "long_tail" and not args.quick else [])
-            for mode in modes:
-                spec = job_spec(model, variant, quick=args.quick, mode=mode, seed=args.seed)
-                label = "rlfleet" if mode == "sync" else "rlfleet-c3po"
-                print(
-                    f"[{variant}] {label}: {spec['steps']} steps ({_common.load_note()})",
-                    flush=True,
-                )
-                runs.append(run_rlfleet(spec, Path(tmp) / f"{variant}-{mode}", label))
-            spec = job_spec(model, variant, quick=args.quick, seed=args.seed)
-            print(f"[{variant}] trl: {spec['steps']} steps ({_common.load_note()})", flush=True)
-            runs.append(run_trl(spec, Path(tmp) / f"trl-{variant}", threads=args.trl_threads))
-            report[variant] = show_variant(variant, spec, runs)
-            plot(variant, runs, args.plots / f"vs_trl_{variant}.png")
+            models[variant] = demo_model() if variant == "arithmetic" else long_tail_model()
+        jobs = []
+        for variant in variants:
+            for seed in seeds:
+                spec = job_spec(models[variant], variant, quick=args.quick, seed=seed)
+                jobs.append((f"{variant}/sync/{seed}", spec, "rlfleet"))
+            if variant == "long_tail" and not args.quick:  # for information: first seed only
+                spec = job_spec(models[variant], variant, quick=False, mode="c3po", seed=seeds[0])
+                jobs.append((f"{variant}/c3po/{seeds[0]}", spec, "rlfleet-c3po"))
+        print(f"rlfleet: starting the fleet for {len(jobs)} jobs ({_common.load_note()})")
+        fleet = run_rlfleet(jobs, Path(tmp) / "fleet", cpus)
+        trl: dict[str, list[dict]] = {}
+        trl_alt: dict[str, dict] = {}
+        # Every one-thread run first, then the others: a run never follows one that used
+        # more threads in this process.
+        plan = [(v, seed, trl_threads, "trl") for v in variants for seed in seeds]
+        if alt_threads:
+            plan += [(v, seeds[0], alt_threads, f"trl-{alt_threads}t") for v in variants]
+        for variant, seed, threads, name in plan:
+            spec = job_spec(models[variant], variant, quick=args.quick, seed=seed)
+            print(
+                f"[{variant}/{seed}] {name}: {spec['steps']} steps, {threads} torch "
+                f"thread(s) ({_common.load_note()})",
+                flush=True,
+            )
+            out_dir = Path(tmp) / f"{name}-{variant}-{seed}"
+            run = run_trl(spec, out_dir, threads=threads, name=name)
+            if name == "trl":
+                trl.setdefault(variant, []).append(run)
+            else:
+                trl_alt[variant] = run
+        for variant in variants:
+            runs = [over_seeds.combine([fleet[f"{variant}/sync/{s}"] for s in seeds])]
+            if f"{variant}/c3po/{seeds[0]}" in fleet:
+                runs.append(over_seeds.combine([fleet[f"{variant}/c3po/{seeds[0]}"]]))
+            runs.append(over_seeds.combine(trl[variant]))
+            if variant in trl_alt:
+                runs.append(over_seeds.combine([trl_alt[variant]]))
+            spec = job_spec(models[variant], variant, quick=args.quick, seed=seeds[0])
+            report[variant] = report_.show_variant(variant, spec, runs)
+            report_.plot(variant, runs, args.plots / f"vs_trl_{variant}.png")
 
-    targets = [v["speed"] for v in report.values()] + [v["reward"] for v in report.values()]
-    print(f"\n== targets ({_common.load_note()})")
-    for t in targets:
+    targets = {f"{v}.{k}": report[v][k] for v in report for k in ("speed", "cpu", "reward")}
+    print(f"\n== targets ({_common.load_note()}; {same_cores})")
+    for t in targets.values():
         print(f"  {t['line']}")
     print(f"  reward rule: {verdict.REWARD_RULE}")
     head = report.get("arithmetic") or next(iter(report.values()))
+    tail = report.get("long_tail")
     payload = _common.report(
         "vs_trl",
         quick=args.quick,
@@ -438,13 +490,24 @@ def main(argv: list[str] | None = None) -> int:
             "trl": round(head["reward"]["trl"], 4),
             "rlfleet": round(head["reward"]["rlfleet"], 4),
         },
-        trl_torch_threads=args.trl_threads,
-        step_time_ratio_long_tail=round(report["long_tail"]["ratio"], 4)
-        if "long_tail" in report
-        else None,
-        definition="step_time_ratio = TRL median s/step / rlfleet median s/step (first step "
-        "excluded); reward_last5 = mean reward of the last 5 steps",
-        targets={f"{v}.{k}": report[v][k] for v in report for k in ("speed", "reward")},
+        seeds=seeds,
+        cpu_s_per_step={k: _round(v) for k, v in head["cpu_s_per_step"].items()},
+        trl_configs=head["trl_configs"],
+        cpu_ratio_trl_over_rlfleet=_round(head["cpu_ratio"]),
+        step_time_ratio_long_tail=round(tail["ratio"], 4) if tail else None,
+        cpu_ratio_long_tail=_round(tail["cpu_ratio"]) if tail else None,
+        cpus=cpus,
+        trl_torch_threads=trl_threads,
+        trl_torch_threads_first_seed=alt_threads,
+        same_cores=same_cores,
+        fleet_start_s=round(fleet["fleet_start_s"], 1),
+        definition="step_time_ratio = TRL median s/step / rlfleet median s/step (each run's "
+        "first step excluded, steady steps of every seed pooled; TRL's faster configuration, "
+        "see trl_configs); cpu_s_per_step = CPU seconds (user + system) of every process of "
+        "the system per steady step, mean over seeds (TRL's cheaper configuration); "
+        "reward_last5 = mean over seeds of each run's mean reward over its last 5 steps",
+        reward_rule=verdict.REWARD_RULE,
+        targets=targets,
         breakdown={v: {r["system"]: r["breakdown"] for r in report[v]["runs"]} for v in report},
         variants=report,
     )
@@ -452,84 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def show_variant(variant: str, spec: dict, runs: list[dict]) -> dict:
-    """Prints one job's table, reward curves, breakdown and verdicts; returns its report."""
-    rows = [
-        [
-            r["system"],
-            r["step_s_median"],
-            r["samples_per_s"],
-            r["reward_first5"],
-            r["reward_last5"],
-            statistics.fmean(r["response_length_mean"]),
-            r["wall_s"],
-            r["load"]["loadavg_1m"],
-        ]
-        for r in runs
-    ]
-    headers = ["system", "s/step", "samples/s", "reward 1st5", "reward last5", "mean len"]
-    alg = spec["algorithm"]
-    print(
-        _common.table(
-            [*headers, "wall s", "load"],
-            rows,
-            title=f"== {variant} ({alg['prompts_per_step']} prompts x {alg['group_size']}, "
-            f"{spec['steps']} steps, max {spec['sampling']['max_new_tokens']} new tokens)",
-        )
-    )
-    for r in runs:
-        curve = " ".join(f"{x:.2f}" for x in r["rewards"])
-        print(f"  reward curve {r['system']:<13} {curve}")
-    by = {r["system"]: r for r in runs}
-    print(phases.table({r["system"]: r["breakdown"] for r in runs}))
-    for r in runs:
-        g = r["generation_detail"]
-        line = (
-            f"  generation, {r['system']}: {g['tokens_median']:.0f} tokens per step, "
-            f"longest {g['longest_median']:.0f}"
-        )
-        if "decoded_positions_median" in g:
-            line += f"; static batch decodes {g['decoded_positions_median']:.0f} positions"
-        if "replica_idle_s_median" in g:
-            line += f"; a replica idle {g['replica_idle_s_median']:.3f}s of the rollout phase"
-        print(line + " (medians)")
-    for r in runs:
-        spent = dict(r["breakdown"]["cpu_s_per_step"])
-        if spent:
-            total = spent.pop("total")
-            parts = ", ".join(f"{n} {v:.3f}" for n, v in sorted(spent.items(), key=lambda x: -x[1]))
-            print(
-                f"  CPU s per step, {r['system']}: {total:.3f}"
-                + (f" ({parts})" if len(spent) > 1 else "")
-            )
-    if not by["trl"]["same_prompts_per_step"]:
-        print("  WARNING: TRL's steps drew other prompts than rlfleet's; the comparison is unfair")
-    ratio = by["trl"]["step_s_median"] / by["rlfleet"]["step_s_median"]
-    print(f"  step_time_ratio_trl_over_rlfleet = {ratio:.3f} (> 1: rlfleet is faster)")
-    cpu_ratio = _cpu_ratio(by["trl"], by["rlfleet"])
-    if cpu_ratio is not None:
-        print(
-            f"  cpu_ratio_trl_over_rlfleet = {cpu_ratio:.3f} (CPU s per step, every process; "
-            "other work on the machine moves it much less than wall time)"
-        )
-    if "rlfleet-c3po" in by:
-        c3po = by["trl"]["step_s_median"] / by["rlfleet-c3po"]["step_s_median"]
-        print(f"  the same ratio with C3PO++ scheduling = {c3po:.3f}")
-    pair = {"rlfleet": by["rlfleet"]["breakdown"], "trl": by["trl"]["breakdown"]}
-    return {
-        "ratio": ratio,
-        "cpu_ratio": cpu_ratio,
-        "speed": verdict.speed(variant, ratio, strict=variant == "long_tail", breakdown=pair),
-        "reward": verdict.reward(variant, by["trl"]["rewards"], by["rlfleet"]["rewards"]),
-        "runs": runs,
-        "spec": spec,
-    }
-
-
-def _cpu_ratio(trl: dict, rlfleet: dict) -> float | None:
-    a = trl["breakdown"]["cpu_s_per_step"].get("total")
-    b = rlfleet["breakdown"]["cpu_s_per_step"].get("total")
-    return a / b if a and b else None
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,15 @@ Definitions (printed with the figures):
   per-hop rate is 2 × bytes / (push s + pull s): the version crosses loopback
   twice (trainer → weight-sync → replica), so this is the harmonic mean of the
   two hops, each compared with one raw hop.
-- fanout_efficiency_kK = T(1) / T(K), with T(K) the time from releasing the K
-  pullers until the last one holds the version: 1.0 means K replicas are served
-  as fast as one (aggregate rate grows K-fold), 1/K means they are served one
-  after another. The same figure for raw TCP is the machine's own ceiling; on a
-  2-core machine neither can reach 1.0.
+- fanout_vs_raw_k8 (the fan-out target, >= 0.8) = raw TCP's time to deliver
+  the payload to 8 receivers / rlfleet's T(8), T(K) the time from releasing the
+  K pullers until the last one holds the version (verified, reported): how close
+  serving eight replicas comes to the machine's own ceiling for moving those
+  bytes eight times, whatever that ceiling is on this machine's cores.
+- fanout_efficiency_kK = T(1) / T(K) (informational): 1.0 means K replicas are
+  served as fast as one, 1/K one after another; raw_fanout_efficiency_kK is the
+  same for raw TCP. Their quotient is no target: a slow single pull would raise
+  it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ import _common
 
 HERE = Path(__file__).resolve()
 GB = 1e9
+# Near-linear fan-out: rlfleet serves 8 replicas in no more than 1/0.8 of the time raw TCP
+# takes to send the same payload to 8 receivers on this machine.
+FANOUT_TARGET = 0.8
 
 
 # --------------------------------------------------------------------------- child processes
@@ -313,6 +320,8 @@ def run_size(
         "per_hop_gb_per_s_k1": 2 * size / (push_s[style] + pull1) / GB,
         "frac_of_loopback_k1": 2 * size / (push_s[style] + pull1) / raw_rate,
         "fanout_efficiency": {str(k): pull1 / pulls[k]["t_all_s"] for k in ks},
+        # The fan-out target: raw TCP's time for K receivers over ours, same payload.
+        "fanout_vs_raw": {str(k): raw[k] / pulls[k]["t_all_s"] for k in ks},
         "cpu_s_per_gb": {
             "raw_tcp_hop": cpu_raw,
             "push_hop": cpu_push,
@@ -424,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                     k * r["bytes"] / r["pull_all_s"][str(k)] / GB,
                     r["raw_fanout_efficiency"][str(k)],
                     r["fanout_efficiency"][str(k)],
+                    r["fanout_vs_raw"][str(k)],
                     r["load"]["loadavg_1m"],
                 ]
             )
@@ -442,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pull agg GB/s",
                 "raw fanout",
                 "ours fanout",
+                "raw s/pull s",
                 "load",
             ],
             rows,
@@ -453,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     frac_k1 = head["frac_of_loopback_k1"] if head else None
     eff_k8 = head["fanout_efficiency"]["8"] if head else None
     raw_eff_k8 = head["raw_fanout_efficiency"]["8"] if head else None
+    vs_raw_k8 = head["fanout_vs_raw"]["8"] if head else None
     if head:
         print(
             f"at {head['params'] / 1e6:.0f}M {head['dtype']} ({head['bytes'] / GB:.2f} GB):\n"
@@ -464,8 +476,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{head['cpu_frac_of_loopback_k1']:.3f} with {style!r} clients, "
             f"{head['other_style']['cpu_frac_of_loopback_k1']:.3f} with "
             f"{head['other_style']['client_style']!r} clients\n"
+            f"  fanout_vs_raw_k8 = raw TCP s to 8 receivers / T_all(K=8) = {vs_raw_k8:.3f} "
+            f"({head['raw_tcp_s']['8']:.3f}s / {head['pull_all_s']['8']:.3f}s; target >= "
+            f"{FANOUT_TARGET}: {'met' if vs_raw_k8 >= FANOUT_TARGET else 'MISSED'})\n"
             f"  fanout_efficiency_k8 = T_all(K=1) / T_all(K=8) = {eff_k8:.3f} "
-            f"(raw TCP on this machine: {raw_eff_k8:.3f}; 1.0 = eight served as fast as one)\n"
+            f"(raw TCP on this machine: {raw_eff_k8:.3f}; 1.0 = eight served as fast as one; "
+            "informational)\n"
             f"  CPU per replica at K=8 against K=1 (1.0 = every replica costs the same): "
             f"{head['cpu_fanout_linearity_k8']:.3f}"
         )
@@ -474,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         started=started,
         frac_of_loopback_k1=round(frac_k1, 4) if frac_k1 is not None else None,
+        fanout_vs_raw_k8=round(vs_raw_k8, 4) if vs_raw_k8 is not None else None,
         fanout_efficiency_k8=round(eff_k8, 4) if eff_k8 is not None else None,
         raw_fanout_efficiency_k8=round(raw_eff_k8, 4) if raw_eff_k8 is not None else None,
         headline_size={"params": head["params"], "dtype": head["dtype"]} if head else None,
@@ -487,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
             "frac_of_loopback_k1": "(2 * bytes / (push_s + pull_s at K=1)) / raw TCP bytes/s at K=1",
             "cpu_frac_of_loopback_k1": "2 * raw TCP CPU-s/GB (sender + receiver) / (push CPU-s/GB "
             "(trainer side + weight-sync) + pull CPU-s/GB (weight-sync + replica)), K=1",
+            "fanout_vs_raw_k8": "raw TCP seconds to deliver the payload to 8 receivers / "
+            "T_all(K=8) (the fan-out target, >= 0.8)",
             "fanout_efficiency_k8": "T_all(K=1) / T_all(K=8); T_all = release of the pullers "
-            "until the last holds the version (verified, reported)",
+            "until the last holds the version (verified, reported); informational",
         },
         sizes=results,
         skipped=skipped,

@@ -41,8 +41,8 @@ SERVICE_TYPES = ("reward", "trainer", "weightsync", "scheduler", "redis", "rollo
 STEPS_PER_ROLLOUT_RESTART = 30
 
 
-def _retry(fn, *, within_s: float = 30.0):
-    """Calls ``fn`` until Redis answers (it may be restarting)."""
+def _retry(fn, *, within_s: float = 120.0):
+    """Calls ``fn`` until Redis answers (it may be restarting, slowly on a loaded machine)."""
     end = time.monotonic() + within_s
     while True:
         try:

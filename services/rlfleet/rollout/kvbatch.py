@@ -57,6 +57,15 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = self._kbuf[:, :, : n + new], self._vbuf[:, :, : n + new]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps the rows at ``indices``, room included (one copy, not two)."""
+        n = self.get_seq_length()
+        if n and self._owns(n, self.keys):
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+        else:
+            super().batch_select_indices(indices)
+
     def _owns(self, n: int, like: torch.Tensor) -> bool:
         """Whether ``keys``/``values`` are still the first ``n`` columns of our buffers."""
         kb, vb = self._kbuf, self._vbuf
@@ -83,7 +92,9 @@ class RoomyLayer(DynamicLayer):
 def roomy_cache(config) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose plain layers append in place."""
     cache = DynamicCache(config=config)
-    cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [
+        RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
     return cache
 
 
@@ -107,7 +118,16 @@ class Row:
 
 
 class KVBatch:
-    """Rows, their cache, attention mask, next positions and next input tokens."""
+    """Rows, their cache, attention mask, next positions and next input tokens.
+
+    The tensors are *physical*: a row that leaves stays in them, decoded and ignored,
+    until such rows are ``DEAD_SHARE`` of the batch (or another batch merges in); only
+    then are the tensors compacted. Dropping a row copies the whole cache, and under
+    continuous batching a row finishes nearly every step. ``live`` maps ``rows[i]`` to
+    its physical index (None: the identity).
+    """
+
+    DEAD_SHARE = 0.25
 
     def __init__(
         self,
@@ -129,6 +149,8 @@ class KVBatch:
         self.next_ids = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
         self.can_merge = all(_mergeable(layer) for layer in cache.layers)
         self.logit_noise_std = logit_noise_std
+        self.live: torch.Tensor | None = None
+        self.step = torch.ones_like(pos)  # 0 for left rows: their positions stay put
 
     @classmethod
     def prefill(
@@ -176,7 +198,7 @@ class KVBatch:
 
     def decode(self, model, *, version: int) -> None:
         """Feeds every row its last sampled token and samples the next one."""
-        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        ones = torch.ones((len(self.pos), 1), dtype=self.mask.dtype, device=self.mask.device)
         mask = torch.cat([self.mask, ones], dim=1)
         out = model(
             input_ids=self.next_ids[:, None],
@@ -186,26 +208,31 @@ class KVBatch:
             use_cache=True,
         )
         self.mask = mask
-        self.pos = self.pos + 1
+        self.pos = self.pos + self.step
         self._take(out.logits[:, -1, :], version)
 
     def _take(self, logits: torch.Tensor, version: int) -> None:
+        live = self.live
+        temps, top_ps = self.temps, self.top_ps
+        if live is not None:
+            logits, temps, top_ps = logits[live], temps[live], top_ps[live]
         if self.logit_noise_std > 0:
             logits = logits.float() + self.logit_noise_std * self._logit_noise(logits.shape[-1])
         uniforms = None
         if any(row.temperature > 0 for row in self.rows):
             draws = [row.rng.random() if row.temperature > 0 else 0.0 for row in self.rows]
             uniforms = torch.tensor(draws, dtype=torch.float32, device=logits.device)
-        tokens, logprobs = sample_next(
-            logits, temperatures=self.temps, top_ps=self.top_ps, uniforms=uniforms
-        )
+        tokens, logprobs = sample_next(logits, temperatures=temps, top_ps=top_ps, uniforms=uniforms)
         # One device->host copy per step for both tokens and log-probs.
         host = torch.stack([tokens.double(), logprobs.double()]).cpu().tolist()
         for row, tok, lp in zip(self.rows, host[0], host[1], strict=True):
             row.tokens.append(int(tok))
             row.logprobs.append(lp)
             row.versions.append(version)
-        self.next_ids = tokens
+        if live is None:
+            self.next_ids = tokens
+        else:
+            self.next_ids[live] = tokens
 
     def _logit_noise(self, vocab: int) -> torch.Tensor:
         """ε ~ N(0, 1) per row and vocabulary entry, from the row's own seeded stream.
@@ -227,15 +254,29 @@ class KVBatch:
             return None
         if len(keep) == len(self.rows):
             return self
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
+        device = self.mask.device
+        kept = torch.tensor(keep, dtype=torch.long, device=device)
+        self.live = kept if self.live is None else self.live[kept]
         self.rows = [self.rows[i] for i in keep]
+        self.step = torch.zeros_like(self.step)
+        self.step[self.live] = 1
+        if len(self.pos) - len(self.rows) > self.DEAD_SHARE * len(self.pos):
+            self._compact()
+        return self
+
+    def _compact(self) -> None:
+        """Drops the left rows from the tensors and the padding columns no row uses."""
+        if self.live is None:
+            return
+        idx, self.live = self.live, None
+        self.cache.batch_select_indices(idx)
         self.mask, self.pos = self.mask[idx], self.pos[idx]
         self.temps, self.top_ps, self.next_ids = (
             self.temps[idx],
             self.top_ps[idx],
             self.next_ids[idx],
         )
+        self.step = torch.ones_like(self.pos)
         if self.can_merge:
             # Columns left of every live row's first token are padding for all: cut them.
             first = int(self.mask.any(dim=0).to(torch.int8).argmax())
@@ -244,12 +285,13 @@ class KVBatch:
                     layer.keys = layer.keys[:, :, first:, :]
                     layer.values = layer.values[:, :, first:, :]
                 self.mask = self.mask[:, first:]
-        return self
 
     def merge(self, other: KVBatch) -> KVBatch:
         """Appends ``other``'s rows, left-padding the shorter cache to a common width."""
         if not (self.can_merge and other.can_merge):
             raise RuntimeError("this model's cache layers cannot take rows mid-batch")
+        self._compact()
+        other._compact()
         width = max(self.mask.shape[1], other.mask.shape[1])
         grow_a, grow_b = width - self.mask.shape[1], width - other.mask.shape[1]
         for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
@@ -260,6 +302,7 @@ class KVBatch:
         self.temps = torch.cat([self.temps, other.temps])
         self.top_ps = torch.cat([self.top_ps, other.top_ps])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.step = torch.ones_like(self.pos)
         self.rows = self.rows + other.rows
         return self
 

@@ -274,19 +274,20 @@ class TorchEngine(RolloutEngine):
         can_join = batch is None or batch.can_merge
         new_rows = self._admit(self.max_batch_seqs - live) if can_join else []
         if new_rows:
-            start = time.perf_counter()
-            with self._weights_lock:
-                added = KVBatch.prefill(
-                    self._model,
-                    new_rows,
-                    device=self.device,
-                    version=self._version,
-                    logit_noise_std=self.logit_noise_std,
-                )
-            _count_pass("prefill", len(new_rows), start)
-            added = self._settle(added)
-            if added is not None:
-                batch = added if batch is None else batch.merge(added)
+            for chunk in _by_length(new_rows):
+                start = time.perf_counter()
+                with self._weights_lock:
+                    added = KVBatch.prefill(
+                        self._model,
+                        chunk,
+                        device=self.device,
+                        version=self._version,
+                        logit_noise_std=self.logit_noise_std,
+                    )
+                _count_pass("prefill", len(chunk), start)
+                added = self._settle(added)
+                if added is not None:
+                    batch = added if batch is None else batch.merge(added)
         elif batch is not None:
             start = time.perf_counter()
             with self._weights_lock:
@@ -393,6 +394,33 @@ class TorchEngine(RolloutEngine):
             with self._cv:
                 self._started.discard(call)
             call.done.set()
+
+
+PREFILL_PADDING = 0.25
+"""Most padding a prefill pass may carry, as a share of its real tokens."""
+
+
+def _by_length(rows: list[Row]) -> list[list[Row]]:
+    """Admitted rows in prefill passes of similar lengths. Rows are left-padded to the
+    longest of their pass, and a resumed rollout (prompt + a long prefix) admitted with
+    fresh prompts would otherwise make every one of them pay its length."""
+
+    def length(row: Row) -> int:
+        return len(row.req.prompt_token_ids) + len(row.req.prefix_token_ids)
+
+    chunks: list[list[Row]] = []
+    chunk: list[Row] = []
+    real = 0
+    for row in sorted(rows, key=length):
+        n = length(row)  # the longest so far: rows are sorted
+        if chunk and n * (len(chunk) + 1) > (1 + PREFILL_PADDING) * (real + n):
+            chunks.append(chunk)
+            chunk, real = [], 0
+        chunk.append(row)
+        real += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _count_pass(kind: str, rows: int, start: float) -> None:

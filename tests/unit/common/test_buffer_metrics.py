@@ -63,8 +63,10 @@ def test_age_is_measured_from_the_entry_id(redis_url):
     pending_age = registry.get_sample_value(
         "rlfleet_buffer_oldest_pending_age_seconds", {"job_id": "old"}
     )
-    assert abs(age - (seconds - 1)) < 5
-    assert abs(pending_age - (seconds - 1)) < 5
+    # Decades old; the margin only covers the time between Redis's clock and the scrape
+    # (seconds on a loaded machine).
+    assert abs(age - (seconds - 1)) < 60
+    assert abs(pending_age - (seconds - 1)) < 60
 
 
 def test_a_scrape_survives_redis_being_away():

@@ -47,14 +47,15 @@ def stub():
 
 
 def _code(stub, job_id):
+    # Every case answers at once; the timeout only bounds a hang on a loaded machine.
     with pytest.raises(grpc.RpcError) as info:
-        stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id=job_id), timeout=5)
+        stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id=job_id), timeout=30)
     return info.value.code(), info.value.details()
 
 
 def test_error_mapping(stub):
     stub, channel = stub
-    assert stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id="ok"), timeout=5).version == 7
+    assert stub.GetCurrent(weightsync_pb2.GetCurrentRequest(job_id="ok"), timeout=30).version == 7
     assert _code(stub, "bad") == (grpc.StatusCode.INVALID_ARGUMENT, "job_id 'bad' is not allowed")
     assert _code(stub, "abort") == (grpc.StatusCode.PERMISSION_DENIED, "no")
     code, details = _code(stub, "boom")

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from rlfleet.reward.sandbox import Sandbox, SandboxLimits, SandboxSettings, _namespaces_work
 
-LIMITS = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_mb=128, max_processes=8)
+# The wall limit only bounds a run that would hang; every run under LIMITS ends by
+# itself (or on its CPU limit) well before it, but Python starting in a sandbox on a
+# loaded 2-core machine can take seconds of wall time.
+LIMITS = SandboxLimits(cpu_seconds=1, wall_seconds=30, memory_mb=128, max_processes=8)
 SECRET = "s3cr3t-token-7f1c2b"
 
 LAYERS = [

@@ -30,6 +30,7 @@ from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 from rlfleet.rollout.engine import Sampling, SeqRequest, SeqResult
 
 __all__ = [
+    "JOIN_S",
     "LOGPROB_ATOL",
     "engine",
     "test_abort_before_start_hands_back_prefixes",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 LOGPROB_ATOL = 1e-4
+# How long a test waits for a generate call in another thread: joins return as soon as
+# it ends, and vLLM on a loaded 2-core machine can take far longer than on an idle one.
+JOIN_S = 300
 
 PROMPTS = [
     [3, 40, 100],
@@ -275,7 +279,8 @@ def test_concurrent_calls(engine):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(JOIN_S)
+        assert not t.is_alive(), "a concurrent call did not end"
     for k in range(2):
         for j, prompt in enumerate(PROMPTS[k::2]):
             assert outs[k][f"s{j}"].token_ids == alone[f"s{PROMPTS.index(prompt)}"].token_ids
@@ -307,7 +312,8 @@ def test_call_arriving_during_generation_is_batched_in(engine, reference_model):
         on_result=lambda r: (results.append(r), on_result(r)),
     )
     for t in threads:
-        t.join(60)
+        t.join(JOIN_S)
+        assert not t.is_alive(), "the late call did not end"
     by_id = {r.seq_id: r for r in results}
     assert by_id["first"].token_ids == ref_greedy(reference_model, first, limit)
     assert late["second"].token_ids == ref_greedy(reference_model, second, limit)

@@ -20,6 +20,7 @@ import copy
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ pytest.importorskip(
 import torch  # noqa: E402
 from engine_suite import *  # noqa: E402, F403 - the shared engine suite runs on this engine
 from engine_suite import (  # noqa: E402
+    JOIN_S,
     PROMPTS,
     assert_close,
     greedy,
@@ -203,10 +205,12 @@ def test_abort_of_one_call_leaves_another_running_call_alone(engine, reference_m
         )
     )
     first.start()
-    for _ in range(1000):  # until "a" and "b" are in the engine (bounded wait)
-        if engine.running_sequences >= 2:
-            break
-        threading.Event().wait(0.01)
+    # Until "a" and "b" are in the engine: polled, with a deadline only against a hang
+    # (a loaded machine can take many seconds to get there).
+    end = time.monotonic() + JOIN_S
+    while engine.running_sequences < 2:
+        assert first.is_alive() and time.monotonic() < end, '"a" and "b" never started'
+        time.sleep(0.01)
     # A second call joins the batch; when it ends, "a" and "b" are still far from done.
     other: list[SeqResult] = []
     engine.generate(
@@ -215,7 +219,8 @@ def test_abort_of_one_call_leaves_another_running_call_alone(engine, reference_m
         abort=threading.Event(),
         on_result=lambda r: (other.append(r), abort.set()),
     )
-    first.join(60)
+    first.join(JOIN_S)
+    assert not first.is_alive(), "the aborted call did not end"
     assert other[0].finished and other[0].token_ids == ref_greedy(reference_model, PROMPTS[1], 8)
     for seq_id, prompt in (("a", a), ("b", b)):
         r = out[seq_id]
@@ -272,7 +277,8 @@ def test_close_fails_running_and_queued_calls_instead_of_hanging(suite_model_dir
     with pytest.raises(Unavailable):
         eng.generate([short, SeqRequest("a", prompt)], greedy(limit), abort=threading.Event(),
                      on_result=on_result)  # fmt: skip
-    late[0].join(60)
+    late[0].join(JOIN_S)
+    assert not late[0].is_alive(), "the second call did not end after close()"
     assert len(errors) == 1
     with pytest.raises(Unavailable):
         run(eng, [SeqRequest("c", [5])], greedy(2))

@@ -68,17 +68,21 @@ def make_core(redis_url):
         retry_deadline: float = 1.0,
     ) -> SchedulerCore:
         store = JobStore.from_url(redis_url)
+        # Per-call timeouts are generous: the scripted peers answer at once, but on a
+        # loaded 2-core machine a call can wait seconds for a thread; a timeout there
+        # would drop a healthy replica or fail the job. Calls that are meant to fail
+        # (dead addresses, scripted errors) fail at once, not by timing out.
         pool = ReplicaPool(
             StaticDiscovery(replica_addresses),
-            status_timeout_s=2.0,
-            load_timeout_s=5.0,
-            generate_timeout_s=30.0,
+            status_timeout_s=10.0,
+            load_timeout_s=60.0,
+            generate_timeout_s=60.0,
             replica_retry_s=0.5,
         )
         clients = ServiceClients(
             reward_address=reward_address,
             trainer_address=trainer_address,
-            timeouts=Timeouts(init=5.0, score=5.0, train=60.0, retry_deadline=retry_deadline),
+            timeouts=Timeouts(init=60.0, score=60.0, train=120.0, retry_deadline=retry_deadline),
         )
         runner = JobRunner(store=store, pool=pool, clients=clients, score_batch_size=4)
         core = SchedulerCore(store=store, runner=runner, poll_interval_s=0.05)

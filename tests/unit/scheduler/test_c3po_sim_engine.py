@@ -40,6 +40,19 @@ def _generate(engine, seqs, sampling, abort=None):
     return {r.seq_id: r for r in out}
 
 
+def _wait_until_every_row(engine, rows: int, done, what: str, timeout: float = 120.0) -> None:
+    """Polls the engine's running rows until there are ``rows`` and ``done(row)`` holds for
+    each: a fixed sleep could end before a loaded machine has sampled anything."""
+    end = time.monotonic() + timeout
+    while True:
+        with engine._cv:
+            running = list(engine._rows)
+        if len(running) == rows and all(done(r) for r in running):
+            return
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
 def test_lengths_follow_the_length_model_on_any_engine(engine, model_dir):
     seqs = [SeqRequest(f"g{g}-{m}", [5, 6, 7]) for g in range(5) for m in range(3)]
     got = _generate(engine, seqs, Sampling(max_new_tokens=10_000, seed=3))
@@ -86,11 +99,13 @@ def test_abort_hands_back_partials_and_resume_continues(model_dir):
             kwargs={"abort": abort, "on_result": out.append},
         )
         call.start()
-        time.sleep(0.15)
+        _wait_until_every_row(slow, 2, lambda r: r.versions, "each row has a version-0 token")
         slow.load_state_dict({}, 4)  # later tokens are sampled by version 4
-        time.sleep(0.15)
+        _wait_until_every_row(
+            slow, 2, lambda r: r.versions[-1] == 4, "each row has a version-4 token"
+        )
         abort.set()
-        call.join(10)
+        call.join(120)
         assert not call.is_alive() and len(out) == 2
         for r in out:
             assert not r.finished and r.finish_reason == "aborted" and r.token_ids

@@ -261,8 +261,9 @@ def make_discovery(kubeconfig):
         d.close()
 
 
-def wait_for(fn, expected, timeout: float = 15.0):
-    """Polls ``fn()`` until it returns ``expected``; returns the last value."""
+def wait_for(fn, expected, timeout: float = 60.0):
+    """Polls ``fn()`` until it returns ``expected``; returns the last value. The deadline
+    only bounds a hang: on a loaded 2-core machine a watch event can take seconds."""
     end = time.monotonic() + timeout
     got = fn()
     while got != expected and time.monotonic() < end:
@@ -336,13 +337,13 @@ def test_survives_an_api_outage(api, make_discovery):
     api.fail_next = 3  # the first list and two retries get 500
     d = make_discovery(initial_sync_timeout_s=0.1)
     assert d.addresses() in ([], ["10.0.0.1:50051"])  # does not block past the sync timeout
-    assert d.wait_synced(15)
+    assert d.wait_synced(60)
     assert d.addresses() == ["10.0.0.1:50051"]
 
 
 def test_close_stops_the_watch_thread(api, make_discovery):
     d = make_discovery(watch_timeout_s=30)
-    assert d.wait_synced(10)
+    assert d.wait_synced(60)
     assert wait_for(lambda: any(q.get("watch") == "true" for _, q, _ in api.requests), True)
     d.close()  # does not wait for the 30 s watch to end
     assert not d._thread.is_alive()
@@ -394,7 +395,7 @@ def test_the_pool_follows_discovered_replicas(api, make_discovery, pod_replicas)
 
     hosts, port, _ = pod_replicas
     api.add_pod("rollout-0", hosts[0])
-    pool = ReplicaPool(make_discovery(port=port), status_timeout_s=2.0)
+    pool = ReplicaPool(make_discovery(port=port), status_timeout_s=10.0)
     try:
         assert [r.replica_id for r in pool.refresh()] == ["r0"]
         api.add_pod("rollout-1", hosts[1])
@@ -423,11 +424,11 @@ def test_a_job_runs_on_replicas_found_through_the_api(
     for i, host in enumerate(hosts):
         api.add_pod(f"rollout-{i}", host)
     store = JobStore.from_url(redis_url)
-    pool = ReplicaPool(make_discovery(port=port), status_timeout_s=2.0, replica_retry_s=0.5)
+    pool = ReplicaPool(make_discovery(port=port), status_timeout_s=10.0, replica_retry_s=0.5)
     clients = ServiceClients(
         reward_address=fleet.reward_address,
         trainer_address=fleet.trainer_address,
-        timeouts=Timeouts(init=5.0, score=5.0, train=30.0, retry_deadline=1.0),
+        timeouts=Timeouts(init=60.0, score=60.0, train=120.0, retry_deadline=1.0),
     )
     core = SchedulerCore(
         store=store,
@@ -476,7 +477,7 @@ def test_the_scheduler_process_follows_pods_with_the_charts_settings(
     lists = lambda: [  # noqa: E731
         (path, q, auth) for path, q, auth in api.requests if q.get("watch") != "true"
     ]
-    assert wait_for(lambda: bool(lists()), True, timeout=30)
+    assert wait_for(lambda: bool(lists()), True, timeout=120)
     path, query, auth = lists()[0]
     assert (path, query["labelSelector"], auth) == (
         "/api/v1/namespaces/rl/pods",

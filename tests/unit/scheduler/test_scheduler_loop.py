@@ -25,7 +25,8 @@ from rlfleet.v1 import rollout_pb2
 from scheduler_fakes import COMPLETION
 
 
-def _wait(predicate, timeout: float = 30.0) -> None:
+def _wait(predicate, timeout: float = 120.0) -> None:
+    """Polls until ``predicate()``; the deadline only bounds a hang (a loaded machine)."""
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "condition not reached"

@@ -200,7 +200,7 @@ class IterationDriver:
         self._handle(queued, None, report, budget=0)  # completed groups stay in P for now
         report.purged = self.pool.purge(s.retention_limit)
         if s.max_staleness is not None:
-            report.stale = self.pool.purge_stale(self._version - s.max_staleness)
+            report.stale += self.pool.purge_stale(self._version - s.max_staleness)
         if any(m.in_flight for g in report.purged + report.stale for m in g.members):
             # A dropped rollout is still generating (overlapped): stop every replica;
             # the others come back as partials and are resumed below.

@@ -478,19 +478,26 @@ class SimJob:
     disaggregated, a separate pool of that many GPUs trains while the replicas wait
     (sync, c3po) or keep generating (overlap)."""
     max_num_seqs: int = 256
+    refill_batch: int = 0
+    """Free slots P waits for before a refill while rollouts run; 0: the job spec's
+    default, max(group_size, Ω / 4) (``C3poSettings.from_spec``)."""
 
     def settings(self, lengths: LengthModel, *, overlap: bool = False) -> C3poSettings:
+        """The driver's settings as ``C3poSettings.from_spec`` would give them for the
+        equivalent job spec (its defaults included)."""
         batch = self.prompts_per_step * self.group_size
+        capacity = self.pool_capacity or 2 * batch
         staleness = self.max_staleness
         if overlap and staleness is None:
             staleness = self.retention_limit + 1
         return C3poSettings(
             token_budget=self.token_budget or int(batch * lengths.mean()),
-            pool_capacity=self.pool_capacity or 2 * batch,
+            pool_capacity=capacity,
             retention_limit=self.retention_limit,
             group_size=self.group_size,
             overlap=overlap,
             max_staleness=staleness,
+            refill_batch=self.refill_batch or max(self.group_size, capacity // 4),
         )
 
 
