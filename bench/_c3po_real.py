@@ -440,3 +440,26 @@ def print_results(real: dict) -> None:
             title=f"end to end per trained token, mean over seeds {real['seeds']}",
         )
     )  # fmt: skip
+
+
+def profile_top(real: dict) -> list[str]:
+    """Where each mode's step time goes, means over seeds (run_all prints these)."""
+    lines = []
+    for mode in MODES:
+        runs = real["modes"][mode]["per_seed"]
+        ph = {k: mean(r["phases_s"][k] for r in runs) for k in PHASES}
+        passes: dict[str, float] = {}
+        for r in runs:
+            for k, v in r["engine_per_step"].items():
+                passes[k] = passes.get(k, 0.0) + v / len(runs)
+        cpu = {
+            k: mean(r["cpu_s_per_step_by_process"].get(k, 0.0) for r in runs)
+            for k in ("rollout", "trainer", "scheduler")
+        }
+        lines.append(
+            f"{mode}: {mean(r['e2e_s'] for r in runs):.2f} s/step = rollout {ph['rollout']:.2f} "
+            f"+ reward {ph['reward']:.2f} + train {ph['train']:.2f} + load {ph['sync']:.2f}; "
+            f"engine per step {_passes_note(passes)}; CPU s/step "
+            + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+        )
+    return lines

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sim-steps", type=int, default=None, help="simulated steps per run (quick 6, else 12)"
     )
     p.add_argument(
-        "--real-steps", type=int, default=None, help="steps per real job (quick 12, else 20)"
+        "--real-steps", type=int, default=None, help="steps per real job (quick 8, else 20)"
     )
     p.add_argument(
         "--seeds", default="0,1,2", help="seeds of the real fleet's jobs, one job per mode each"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.monotonic()
     sim_steps = args.sim_steps or (6 if args.quick else 12)
-    real_steps = args.real_steps or (12 if args.quick else 20)
+    real_steps = args.real_steps or (8 if args.quick else 20)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     print(f"C3PO++ bench ({_common.load_note()})")
 
@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         _c3po_real.print_results(real)
 
+    if real:
+        real["profile_top"] = _c3po_real.profile_top(real)
+        print("\nwhere the time goes (means over seeds):")
+        for line in real["profile_top"]:
+            print(f"  {line}")
     judged = verdicts(sim, real)
     if judged:
         print("\ntargets:")
@@ -101,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             margin = f", {v['margin']:+.0%}" if "margin" in v else ""
             print(f"  {name}: {word}: {v['value']:.3f} vs {v['target']}{margin}")
     payload = _common.report(
-        "c3po", quick=args.quick, started=started, sim=sim, real=real, verdicts=judged
+        "c3po",
+        quick=args.quick,
+        started=started,
+        sim=sim,
+        real=real,
+        verdicts=judged,
+        profile_top=real.get("profile_top", []) + sim.get("profile_top", []),
     )
     _common.write_json(args.json, payload)
     print(f"\ndone in {time.monotonic() - started:.0f}s ({_common.load_note()})")
