@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from rlfleet.common.jobspec import TaskSpec
 from rlfleet.common.tasks import PromptSource
-from rlfleet.scheduler.c3po import PromptGroupSource, group_samples
 from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
 from rlfleet.scheduler.c3po.grpc_backend import GrpcBackend
 from rlfleet.scheduler.c3po.pool import InferencePool
+from rlfleet.scheduler.c3po.strategy import PromptGroupSource, group_samples
 from rlfleet.scheduler.discovery import StaticDiscovery
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import load_codec

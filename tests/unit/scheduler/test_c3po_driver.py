@@ -7,11 +7,9 @@ at t + n: every scenario below can be followed by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from rlfleet.common.errors import FailedPrecondition
-from rlfleet.rollout.sim_engine import DecodeCostModel, LengthModel
+from rlfleet.rollout.sim_engine import LengthModel
 from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
 from rlfleet.scheduler.c3po.pool import (
     Group,
@@ -23,25 +21,7 @@ from rlfleet.scheduler.c3po.pool import (
     spans_of,
 )
 from rlfleet.scheduler.c3po.sim import SimFleet, SimGroupSource, SimJob, run_sim
-
-UNIT_COST = DecodeCostModel(
-    base_s=1.0, per_seq_s=0.0, per_ctx_token_s=0.0, prefill_tokens_per_s=float("inf")
-)
-
-
-@dataclass(frozen=True)
-class ScriptedLengths(LengthModel):
-    table: tuple = ()
-    """((group_id, member, length), ...); unlisted sequences have length 1."""
-
-    def output_length(self, seed: int, group: str, member: int) -> tuple[int, bool]:
-        for g, m, n in self.table:
-            if (g, m) == (group, member):
-                return n, False
-        return 1, False
-
-    def prompt_length(self, seed: int, group: str) -> int:
-        return 10
+from sim_scripts import UNIT_COST, ScriptedLengths
 
 
 class RecordingFleet(SimFleet):

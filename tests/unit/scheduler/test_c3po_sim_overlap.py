@@ -1,6 +1,6 @@
 """Overlapped C3PO++ (``scheduling.overlap``) on the simulated fleet.
 
-The scripted scenarios use the cost model of test_c3po_driver.py: every engine
+The scripted scenarios use the cost model of sim_scripts.py: every engine
 step lasts exactly 1 virtual second and prefill is free, so a sequence of length
 n admitted at time t ends at t + n. Virtual time is deterministic, so relations
 between virtual times are asserted exactly; nothing here depends on wall time.
@@ -8,10 +8,8 @@ between virtual times are asserted exactly; nothing here depends on wall time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
-from rlfleet.rollout.sim_engine import DecodeCostModel, LengthModel
+from rlfleet.rollout.sim_engine import LengthModel
 from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
 from rlfleet.scheduler.c3po.pool import InferencePool, Progress, expand_spans
 from rlfleet.scheduler.c3po.sim import (
@@ -22,26 +20,7 @@ from rlfleet.scheduler.c3po.sim import (
     TrainCostModel,
     run_sim,
 )
-
-UNIT_COST = DecodeCostModel(
-    base_s=1.0, per_seq_s=0.0, per_ctx_token_s=0.0, prefill_tokens_per_s=float("inf")
-)
-
-
-@dataclass(frozen=True)
-class ScriptedLengths(LengthModel):
-    table: tuple = ()
-    """((group_id, member, length), ...); unlisted sequences have length 1."""
-
-    def output_length(self, seed: int, group: str, member: int) -> tuple[int, bool]:
-        for g, m, n in self.table:
-            if (g, m) == (group, member):
-                return n, False
-        return 1, False
-
-    def prompt_length(self, seed: int, group: str) -> int:
-        return 10
-
+from sim_scripts import UNIT_COST, ScriptedLengths
 
 # g0 ends the first iteration (C = 5 = Φ at t = 3); g1 is still generating then.
 SCENARIO = [("g0", 0, 2), ("g0", 1, 3), ("g1", 0, 4), ("g1", 1, 10)]
