@@ -209,11 +209,13 @@ class IterationDriver:
             waited += time.thread_time() - t
             self._handle(partials, None, report, budget=0)
             self._settle_in_flight()
-        report.deferred = 0  # counted below: those left in P once C reaches Φ
-        # Groups that completed while the replicas were stopping (or, overlapped, while
-        # the step trained) end first, up to Φ; the rest wait for the next iteration.
+        report.deferred = 0  # counted below: overlapped, those left in P once C reaches Φ
+        # Groups that completed while the replicas were stopping end first, all of them
+        # (a handful: at most one iteration late, as a carried prefix is). Overlapped,
+        # the groups that completed while the step trained can be many: they are
+        # released up to Φ and the rest wait, bounded by max_staleness.
         for group in sorted((g for g in self.pool if g.finished), key=lambda g: g.serial):
-            if report.budget_used >= s.token_budget:
+            if s.overlap and report.budget_used >= s.token_budget:
                 report.deferred += 1
                 continue
             self._release(group, report)
