@@ -69,9 +69,12 @@ JOB = {
 }
 """The job every mode runs (512 samples per step, two replicas)."""
 
-C3PO = {"pool_capacity": 192, "retention_limit": 4}
-"""Ω = 0 (the job spec's default, 2 × samples per step) and σ = 4: a long answer
-(~200 tokens) takes a few iterations at this Φ, and σ = 2 would purge most of them."""
+C3PO = {"pool_capacity": 192, "retention_limit": 6}
+"""Ω = 192 sequences in flight (96 per replica) and σ = 6. A replica advances each row
+about 40 tokens per iteration at this Φ, so the longest answers (176 tokens) need
+five iterations or more: σ = 4 purged about two groups per step, σ = 6 none.
+Carried rollouts resume from the KV cache their replica kept (``resume_kv``, the
+default)."""
 
 MODES = ("sync", "c3po", "overlap")
 
@@ -234,6 +237,7 @@ PASS_SERIES = (
     "rlfleet_rollout_engine_passes_total",
     "rlfleet_rollout_engine_pass_seconds_total",
     "rlfleet_rollout_engine_pass_rows_total",
+    "rlfleet_rollout_kv_resumed_total",
 )
 
 
@@ -252,8 +256,12 @@ def engine_passes(fleet) -> dict[str, float]:
             for series in PASS_SERIES:
                 if line.startswith(series + "{"):
                     kind = line.split('kind="', 1)[1].split('"', 1)[0]
-                    key = f"{series.removeprefix('rlfleet_rollout_engine_')}:{kind}"
-                    out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+                elif line.startswith(series + " "):
+                    kind = "resumed"  # sequences resumed from a kept KV cache
+                else:
+                    continue
+                key = f"{series.removeprefix('rlfleet_rollout_engine_')}:{kind}"
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -383,6 +391,9 @@ def _passes_note(per_step: dict[str, float]) -> str:
         secs = per_step.get(f"pass_seconds_total:{kind}", 0.0)
         if n:
             parts.append(f"{kind} {n:.0f}×{rows / n:.0f} {secs:.2f}s")
+    resumed = per_step.get("rlfleet_rollout_kv_resumed_total:resumed", 0.0)
+    if resumed:
+        parts.append(f"{resumed:.0f} resumed from kept KV")
     return ", ".join(parts)
 
 

@@ -170,6 +170,9 @@ def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, 
             "token_budget": 60,
             "pool_capacity": 16,
             "retention_limit": 2,
+            # Re-prefill under the new version: a resumed prefix's KV cache then comes
+            # from that version too, so every token's log-prob is exactly one version's.
+            "resume_kv": False,
         },
         "steps": STEPS,
         "seed": 3,

@@ -171,6 +171,10 @@ class SchedulingSpec(_Spec):
     refill_batch: int = Field(default=0, ge=0)
     """c3po: free slots of Ω to wait for before refilling P with new groups while rollouts
     run (0: a quarter of Ω, at least one group), so replicas prefill new prompts in batches."""
+    resume_kv: bool = True
+    """c3po: a rollout carried over resumes on the replica that generated it, from the KV
+    cache that replica kept at the stop, instead of re-prefilling prompt + prefix under
+    the new version (PyTorch engine; vLLM re-prefills). docs/C3PO.md, "Resuming"."""
     max_staleness: int | None = Field(default=None, ge=0)
     """Most policy versions a trained token may lag the version it is trained against;
     groups with an older token are dropped and counted (c3po). None: σ + 1 when

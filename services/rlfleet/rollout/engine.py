@@ -68,6 +68,9 @@ class Sampling:
     """Nucleus sampling mass in (0, 1]; 1 disables it."""
     seed: int | None = None
     """Seeds each sequence's draws (mixed with its seq_id); None draws from the OS."""
+    resume_kv: bool = False
+    """An aborted sequence keeps its KV cache for a later call that resumes it (see
+    ``SamplingParams.resume_kv``); engines that cannot keep it ignore this."""
 
 
 ResultCallback = Callable[[SeqResult], None]

@@ -32,12 +32,21 @@ from rlfleet.rollout.sampling import sample_next
 
 class RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` that appends in place: ``keys``/``values`` are views of
-    buffers with room for more columns. Anything that replaces ``keys``/``values``
-    (selecting rows, trimming padding, merging batches) simply makes the next update
-    move them into a new buffer, which is the copy ``DynamicLayer`` makes every step."""
+    buffers with room for more columns (tokens) and more rows (sequences). Anything
+    that replaces ``keys``/``values`` (trimming padding, merging a wider batch) simply
+    makes the next update move them into a new buffer, which is the copy
+    ``DynamicLayer`` makes every step.
+
+    Buffers are allocated uninitialised: a column is written before a view covers it,
+    and left-padding columns are zeroed where they are made (attention masks them,
+    but a masked NaN would still poison the weighted sum)."""
 
     ROOM = 64
     """Spare columns at least; a buffer also grows by half its length."""
+    ROW_ROOM = 0.5
+    """Spare rows, as a share of the rows (at least ``MIN_ROW_ROOM``): newly prefilled
+    sequences join in them (``append_rows``) instead of a copy of the whole cache."""
+    MIN_ROW_ROOM = 8
 
     def __init__(self):
         super().__init__()
@@ -49,44 +58,82 @@ class RoomyLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, new = self.get_seq_length(), key_states.shape[-2]
+        n, new, rows = self.get_seq_length(), key_states.shape[-2], key_states.shape[0]
         if not self._owns(n, key_states) or self._kbuf.shape[-2] < n + new:
-            self._rebuffer(n, n + new + max(self.ROOM, (n + new) // 2), key_states)
-        self._kbuf[:, :, n : n + new] = key_states
-        self._vbuf[:, :, n : n + new] = value_states
-        self.keys, self.values = self._kbuf[:, :, : n + new], self._vbuf[:, :, : n + new]
+            capacity = n + new + max(self.ROOM, (n + new) // 2)
+            old_k, old_v = self.keys, self.values
+            self._alloc(rows, capacity, key_states, value_states)
+            if n:
+                self._kbuf[:rows, :, :n] = old_k
+                self._vbuf[:rows, :, :n] = old_v
+        self._kbuf[:rows, :, n : n + new] = key_states
+        self._vbuf[:rows, :, n : n + new] = value_states
+        self._view(rows, n + new)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps the rows at ``indices``, room included (one copy, not two)."""
+        """Keeps the rows at ``indices`` (with room for more rows again)."""
         n = self.get_seq_length()
-        if n and self._owns(n, self.keys):
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
-        else:
+        if not (n and self._owns(n, self.keys)):
             super().batch_select_indices(indices)
+            return
+        kb, vb = self._kbuf, self._vbuf
+        rows = len(indices)
+        self._alloc(rows, kb.shape[-2], kb, vb)
+        self._kbuf[:rows, :, :n] = kb[:, :, :n].index_select(0, indices)
+        self._vbuf[:rows, :, :n] = vb[:, :, :n].index_select(0, indices)
+        self._view(rows, n)
+
+    def spare_rows(self) -> int:
+        """Rows the buffers can still take without a new allocation (0 if not owned)."""
+        n = self.get_seq_length()
+        return self._kbuf.shape[0] - self.keys.shape[0] if n and self._owns(n, self.keys) else 0
+
+    def append_rows(self, other: DynamicLayer, grow_other: int) -> None:
+        """Writes ``other``'s rows into spare rows, left-padded by ``grow_other`` columns
+        to this layer's width: one copy of the new rows, none of the old."""
+        rows, width, add = self.keys.shape[0], self.keys.shape[-2], other.keys.shape[0]
+        for buf, new in ((self._kbuf, other.keys), (self._vbuf, other.values)):
+            buf[rows : rows + add, :, :grow_other] = 0
+            buf[rows : rows + add, :, grow_other:width] = new
+        self._view(rows + add, width)
+
+    def absorb(self, other: DynamicLayer, grow: int, grow_other: int) -> None:
+        """Appends ``other``'s rows, left-padding this layer's columns by ``grow`` and
+        ``other``'s by ``grow_other``, in one copy into a new buffer with room (padding
+        and concatenating, then making room at the next update, copied three times)."""
+        k, v, ko, vo = self.keys, self.values, other.keys, other.values
+        rows, add, width = k.shape[0], ko.shape[0], k.shape[-2] + grow
+        self._alloc(rows + add, width + max(self.ROOM, width // 2), k, v)
+        for buf, old, new in ((self._kbuf, k, ko), (self._vbuf, v, vo)):
+            buf[:rows, :, :grow] = 0
+            buf[:rows, :, grow:width] = old
+            buf[rows : rows + add, :, :grow_other] = 0
+            buf[rows : rows + add, :, grow_other:width] = new
+        self._view(rows + add, width)
 
     def _owns(self, n: int, like: torch.Tensor) -> bool:
-        """Whether ``keys``/``values`` are still the first ``n`` columns of our buffers."""
+        """Whether ``keys``/``values`` are the first rows and ``n`` columns of our buffers,
+        with as many rows as ``like``."""
         kb, vb = self._kbuf, self._vbuf
         if kb is None or vb is None or n == 0:
-            return kb is not None and n == 0 and kb.shape[:2] == like.shape[:2]
+            return False
         return (
             self.keys.data_ptr() == kb.data_ptr()
             and self.values.data_ptr() == vb.data_ptr()
-            and self.keys.shape[:2] == kb.shape[:2] == like.shape[:2]
+            and self.keys.shape[0] == like.shape[0] <= kb.shape[0]
+            and self.keys.shape[1] == kb.shape[1] == like.shape[1]
             and self.keys.stride() == kb.stride()
             and self.values.stride() == vb.stride()
         )
 
-    def _rebuffer(self, n: int, capacity: int, like: torch.Tensor) -> None:
-        b, h, _, d = like.shape
-        kb = like.new_zeros((b, h, capacity, d))
-        vb = like.new_zeros((b, h, capacity, self.values.shape[-1] if n else d))
-        if n:
-            kb[:, :, :n] = self.keys
-            vb[:, :, :n] = self.values
-        self._kbuf, self._vbuf = kb, vb
+    def _alloc(self, rows: int, capacity: int, k_like: torch.Tensor, v_like: torch.Tensor):
+        total = rows + max(self.MIN_ROW_ROOM, int(rows * self.ROW_ROOM))
+        self._kbuf = k_like.new_empty((total, k_like.shape[1], capacity, k_like.shape[-1]))
+        self._vbuf = v_like.new_empty((total, v_like.shape[1], capacity, v_like.shape[-1]))
+
+    def _view(self, rows: int, width: int) -> None:
+        self.keys, self.values = self._kbuf[:rows, :, :width], self._vbuf[:rows, :, :width]
 
 
 def roomy_cache(config) -> DynamicCache:
@@ -264,6 +311,19 @@ class KVBatch:
             self._compact()
         return self
 
+    def adopt(self, keep: list[int], rows: list[Row]) -> KVBatch | None:
+        """Keeps the rows at ``keep``, handed to ``rows``: the same sequences resumed by
+        another call, whose sampling settings (and draws) they take from now on."""
+        batch = self.select(keep)
+        if batch is None:
+            return None
+        batch.rows = list(rows)
+        phys = batch.live if batch.live is not None else slice(None)
+        device = batch.mask.device
+        batch.temps[phys] = torch.tensor([r.temperature for r in rows], device=device)
+        batch.top_ps[phys] = torch.tensor([r.top_p for r in rows], device=device)
+        return batch
+
     def _compact(self) -> None:
         """Drops the left rows from the tensors and the padding columns no row uses."""
         if self.live is None:
@@ -290,11 +350,16 @@ class KVBatch:
         """Appends ``other``'s rows, left-padding the shorter cache to a common width."""
         if not (self.can_merge and other.can_merge):
             raise RuntimeError("this model's cache layers cannot take rows mid-batch")
-        self._compact()
         other._compact()
+        if self._has_room_for(other):
+            return self._append_rows(other)
+        self._compact()
         width = max(self.mask.shape[1], other.mask.shape[1])
         grow_a, grow_b = width - self.mask.shape[1], width - other.mask.shape[1]
         for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
+            if isinstance(la, RoomyLayer):
+                la.absorb(lb, grow_a, grow_b)
+                continue
             la.keys = torch.cat([_pad_seq(la.keys, grow_a), _pad_seq(lb.keys, grow_b)])
             la.values = torch.cat([_pad_seq(la.values, grow_a), _pad_seq(lb.values, grow_b)])
         self.mask = torch.cat([F.pad(self.mask, (grow_a, 0)), F.pad(other.mask, (grow_b, 0))])
@@ -303,6 +368,33 @@ class KVBatch:
         self.top_ps = torch.cat([self.top_ps, other.top_ps])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.step = torch.ones_like(self.pos)
+        self.rows = self.rows + other.rows
+        return self
+
+    def _has_room_for(self, other: KVBatch) -> bool:
+        """Whether ``other``'s rows fit in spare rows of our buffers, at our width."""
+        layers = self.cache.layers
+        return (
+            other.mask.shape[1] <= self.mask.shape[1]
+            and all(isinstance(layer, RoomyLayer) for layer in layers)
+            and min(layer.spare_rows() for layer in layers) >= len(other.pos)
+        )
+
+    def _append_rows(self, other: KVBatch) -> KVBatch:
+        """Merges ``other`` into spare rows: rows that left stay (lazily) where they are."""
+        phys, add = len(self.pos), len(other.pos)
+        grow = self.mask.shape[1] - other.mask.shape[1]
+        for la, lb in zip(self.cache.layers, other.cache.layers, strict=True):
+            la.append_rows(lb, grow)
+        self.mask = torch.cat([self.mask, F.pad(other.mask, (grow, 0))])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.temps = torch.cat([self.temps, other.temps])
+        self.top_ps = torch.cat([self.top_ps, other.top_ps])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.step = torch.cat([self.step, torch.ones_like(other.pos)])
+        if self.live is not None:
+            new = torch.arange(phys, phys + add, dtype=torch.long, device=self.live.device)
+            self.live = torch.cat([self.live, new])
         self.rows = self.rows + other.rows
         return self
 

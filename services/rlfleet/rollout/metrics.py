@@ -51,3 +51,8 @@ ENGINE_PASS_ROWS = Counter(
     "Rows (sequences) the PyTorch engine's forward passes carried, by kind.",
     ["kind"],
 )
+KV_RESUMED = Counter(
+    "rlfleet_rollout_kv_resumed_total",
+    "Sequences resumed from the KV cache their aborted call left on this replica "
+    "(SamplingParams.resume_kv), instead of re-prefilling prompt + prefix.",
+)

@@ -31,6 +31,7 @@ def to_sampling(msg: rollout_pb2.SamplingParams) -> Sampling:
         # The proto says 0 or 1 disables nucleus sampling; the engine spells that 1.
         top_p=1.0 if msg.top_p == 0 else msg.top_p,
         seed=msg.seed,
+        resume_kv=msg.resume_kv,
     )
 
 

@@ -43,6 +43,7 @@ from rlfleet.rollout.engine import (
     validate_generate,
 )
 from rlfleet.rollout.kvbatch import KVBatch, Row
+from rlfleet.rollout.parked import ParkedBatch
 from rlfleet.rollout.sampling import row_rng
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TorchEngine(RolloutEngine):
         self._pending: deque[GenerateCall] = deque()
         self._live = 0
         self._started: set[GenerateCall] = set()  # calls with admitted sequences, not yet done
+        self._parked: ParkedBatch | None = None  # engine thread only (see parked.py)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
         self._thread.start()
@@ -150,6 +152,7 @@ class TorchEngine(RolloutEngine):
             gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             ids = {*_as_list(eos), *_as_list(gen_eos)}
             with self._weights_lock:
+                self._parked = None  # its KV cache belongs to the old model
                 self._model = model
                 self._model_path = str(path)
                 self._version = 0
@@ -239,7 +242,9 @@ class TorchEngine(RolloutEngine):
         while True:
             with self._cv:
                 while not self._closed and batch is None and not self._pending:
-                    self._cv.wait()
+                    if self._parked is not None and self._parked.expired():
+                        self._parked = None
+                    self._cv.wait(timeout=ParkedBatch.TTL_S if self._parked else None)
                 if self._closed:
                     break
             try:
@@ -272,7 +277,13 @@ class TorchEngine(RolloutEngine):
         self._abort_pending()
         live = len(batch.rows) if batch else 0
         can_join = batch is None or batch.can_merge
-        new_rows = self._admit(self.max_batch_seqs - live) if can_join else []
+        new_rows, resumed = self._admit(self.max_batch_seqs - live) if can_join else ([], [])
+        if resumed:
+            added = self._parked.claim(resumed) if self._parked else None
+            self._parked = None
+            metrics.KV_RESUMED.inc(len(resumed))
+            if added is not None:
+                batch = added if batch is None else batch.merge(added)
         if new_rows:
             for chunk in _by_length(new_rows):
                 start = time.perf_counter()
@@ -288,7 +299,7 @@ class TorchEngine(RolloutEngine):
                 added = self._settle(added)
                 if added is not None:
                     batch = added if batch is None else batch.merge(added)
-        elif batch is not None:
+        elif batch is not None and not resumed:
             start = time.perf_counter()
             with self._weights_lock:
                 batch.decode(self._model, version=self._version)
@@ -298,33 +309,45 @@ class TorchEngine(RolloutEngine):
             self._live = len(batch.rows) if batch else 0
         return batch
 
-    def _admit(self, capacity: int) -> list[Row]:
-        """Takes queued sequences, in arrival order, up to the batch and prefill limits."""
+    def _admit(self, capacity: int) -> tuple[list[Row], list[tuple[int, Row]]]:
+        """Takes queued sequences, in arrival order, up to the batch and prefill limits:
+        rows to prefill, and rows that resume a parked row (its index) with its cache."""
         rows: list[Row] = []
+        resumed: list[tuple[int, Row]] = []
+        parked = self._parked
+        if parked is not None and parked.expired():
+            parked = self._parked = None
         over: list[tuple[Row, str]] = []  # already at their end: handed back, not prefilled
         longest = 0
         with self._cv:
-            while self._pending and len(rows) < capacity:
+            while self._pending and len(rows) + len(resumed) < capacity:
                 call = self._pending[0]
                 seq = call.seqs[call.next_index]
+                row = self._new_row(call, seq)
+                at = parked.match(row) if parked is not None else None
                 n = len(seq.prompt_token_ids) + len(seq.prefix_token_ids)
-                if rows and max(longest, n) * (len(rows) + 1) > self.max_prefill_tokens:
+                if (
+                    at is None
+                    and rows
+                    and max(longest, n) * (len(rows) + 1) > self.max_prefill_tokens
+                ):
                     break
                 call.next_index += 1
                 if call.next_index == len(call.seqs):
                     self._pending.popleft()
                 self._started.add(call)
-                row = self._new_row(call, seq)
                 reason = self._end_reason(row)
                 if reason:
                     over.append((row, reason))
+                elif at is not None:
+                    resumed.append((at, row))
                 else:
                     rows.append(row)
                     longest = max(longest, n)
         # Callbacks run outside the lock: a caller may call generate() from on_result.
         for row, reason in over:
             self._emit(row, finished=True, reason=reason)
-        return rows
+        return rows, resumed
 
     def _new_row(self, call: GenerateCall, seq: SeqRequest) -> Row:
         sampling = call.sampling
@@ -357,6 +380,8 @@ class TorchEngine(RolloutEngine):
         return batch.select(keep)
 
     def _drop_aborted(self, batch: KVBatch | None) -> KVBatch | None:
+        """Hands back the rows of aborted calls; a batch stopped whole is kept for the
+        calls that resume it when they asked for that (``parked.py``)."""
         if batch is None or not any(row.call.abort.is_set() for row in batch.rows):
             return batch
         keep = []
@@ -365,6 +390,9 @@ class TorchEngine(RolloutEngine):
                 self._emit(row, finished=False, reason=FINISH_ABORTED)
             else:
                 keep.append(i)
+        if not keep and ParkedBatch.keeps(batch):
+            self._parked = ParkedBatch(batch)
+            return None
         return batch.select(keep)
 
     def _abort_pending(self) -> None:

@@ -86,6 +86,7 @@ def sampling_params(spec: JobSpec, step: int) -> rollout_pb2.SamplingParams:
         top_p=spec.sampling.top_p,
         max_new_tokens=spec.sampling.max_new_tokens,
         seed=seed,
+        resume_kv=spec.scheduling.mode == "c3po" and spec.scheduling.resume_kv,
     )
 
 

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "max_new_tokens", "seed")
+    __slots__ = ("temperature", "top_p", "max_new_tokens", "seed", "resume_kv")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    RESUME_KV_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     max_new_tokens: int
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    resume_kv: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., resume_kv: _Optional[bool] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
     __slots__ = ("seq_id", "prompt_token_ids", "prefix_token_ids", "prefix_logprobs", "prefix_versions")

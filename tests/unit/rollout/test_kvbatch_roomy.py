@@ -54,7 +54,11 @@ def _run(model, monkeypatch, *, roomy: bool, lazy: bool = True):
         monkeypatch.setattr(kvbatch, "roomy_cache", lambda config: DynamicCache(config=config))
     if not lazy:  # every row that leaves is dropped from the tensors at once
         monkeypatch.setattr(kvbatch.KVBatch, "DEAD_SHARE", -1.0)
-    first, second = _rows("a", [3, 17, 40, 8, 25, 60]), _rows("b", [5, 90])
+    first, second, third = (
+        _rows("a", [3, 17, 40, 8, 25, 60]),
+        _rows("b", [5, 90]),
+        _rows("c", [2, 6]),
+    )
     cpu = torch.device("cpu")
     with torch.no_grad():
         batch = kvbatch.KVBatch.prefill(model, first, device=cpu, version=0)
@@ -71,11 +75,13 @@ def _run(model, monkeypatch, *, roomy: bool, lazy: bool = True):
             if step == 45:
                 batch = batch.select([0, 1, 2, 3, 5])
                 assert not lazy or batch.live is not None
+            if step == 50:  # a narrower batch joins: into spare rows, beside the left row
+                batch = batch.merge(kvbatch.KVBatch.prefill(model, third, device=cpu, version=0))
             if step == 60:  # a row left lazily, then more: the merge-free path compacts
                 batch = batch.select([1, 2, 4])
                 assert batch.live is None and len(batch.pos) == 3
     monkeypatch.undo()
-    return [(r.req.seq_id, r.tokens, r.logprobs) for r in first + second]
+    return [(r.req.seq_id, r.tokens, r.logprobs) for r in first + second + third]
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy-compaction", "eager-compaction"])
@@ -100,3 +106,21 @@ def test_decoding_writes_into_the_buffer_instead_of_copying_it(model):
         batch.decode(model, version=0)
     assert layer._kbuf.data_ptr() == buffer  # appended in place, no new buffer
     assert layer.keys.data_ptr() == buffer and layer.keys.shape[-2] == 9 + 2
+
+
+def test_a_narrower_batch_joins_in_spare_rows_without_copying_the_cache(model):
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        batch = kvbatch.KVBatch.prefill(model, _rows("d", [12, 30]), device=cpu, version=0)
+        batch.decode(model, version=0)
+        layer = batch.cache.layers[0]
+        buffer, width = layer._kbuf.data_ptr(), layer.keys.shape[-2]
+        batch = batch.merge(
+            kvbatch.KVBatch.prefill(model, _rows("e", [3, 7]), device=cpu, version=0)
+        )
+        assert layer._kbuf.data_ptr() == buffer and layer.keys.shape[:3] == (4, 2, width)
+        # The joined rows are left-padded with zeros to the batch's width, masked out.
+        assert batch.mask[2:].sum(dim=1).tolist() == [3, 7]
+        assert not layer.keys[2, :, : width - 3].any()
+        batch.decode(model, version=0)
+    assert layer._kbuf.data_ptr() == buffer

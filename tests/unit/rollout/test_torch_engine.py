@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from engine_suite import *  # noqa: F403 - the shared engine suite runs on this engine
-from engine_suite import PROMPTS, ref_greedy
+from engine_suite import PROMPTS, long_prompts, ref_greedy, run
 from rlfleet.common.errors import InvalidArgument
 from rlfleet.rollout.engine import Sampling, SeqRequest, setup_engine
 from rlfleet.rollout.kvbatch import KVBatch, Row
@@ -123,3 +123,85 @@ def test_row_streams_depend_on_seed_id_and_prefix():
     draw = lambda *key: row_rng(*key).random()  # noqa: E731
     assert draw(1, "a", 0) == draw(1, "a", 0)
     assert len({draw(1, "a", 0), draw(2, "a", 0), draw(1, "b", 0), draw(1, "a", 3)}) == 4
+
+
+def _counter(counter) -> float:
+    return counter._value.get()
+
+
+def _abort_midway(engine, reference_model, *, resume_kv: bool, limit: int = 40):
+    """Three long rows stopped by an Abort once a fourth, nearly done, finishes."""
+    longs = long_prompts(reference_model, limit, 3)
+    short = SeqRequest(
+        "short", [5, 6], prefix_token_ids=[9] * (limit - 2),
+        prefix_logprobs=[-2.0] * (limit - 2), prefix_versions=[0] * (limit - 2),
+    )  # fmt: skip
+    abort = threading.Event()
+    results: dict[str, object] = {}
+
+    def on_result(r) -> None:
+        results[r.seq_id] = r
+        if r.seq_id == "short":
+            abort.set()
+
+    sampling = Sampling(max_new_tokens=limit, temperature=0.0, resume_kv=resume_kv)
+    seqs = [short] + [SeqRequest(f"long{i}", p) for i, p in enumerate(longs)]
+    engine.generate(seqs, sampling, abort=abort, on_result=on_result)
+    partials = [results[f"long{i}"] for i in range(3)]
+    assert all(r.finish_reason == "aborted" and 0 < len(r.token_ids) < limit for r in partials)
+    return longs, partials, sampling
+
+
+def _resume(engine, prompts, partials, sampling, *, drop_last: int = 0):
+    reqs = [
+        SeqRequest(
+            f"long{i}", prompt,
+            prefix_token_ids=p.token_ids[: len(p.token_ids) - drop_last],
+            prefix_logprobs=p.logprobs[: len(p.logprobs) - drop_last],
+            prefix_versions=p.versions[: len(p.versions) - drop_last],
+        )
+        for i, (prompt, p) in enumerate(zip(prompts, partials, strict=True))
+    ]  # fmt: skip
+    return run(engine, reqs, sampling)
+
+
+def test_an_aborted_batch_resumes_from_its_kv_cache(engine, reference_model):
+    from rlfleet.rollout import metrics
+
+    prompts, partials, sampling = _abort_midway(engine, reference_model, resume_kv=True)
+    prefills, resumed0 = _counter(metrics.ENGINE_PASSES.labels("prefill")), _counter(
+        metrics.KV_RESUMED
+    )
+    done = _resume(engine, prompts, partials, sampling)
+    # No forward pass re-read the prompts: the rows decoded on from the kept cache.
+    assert _counter(metrics.KV_RESUMED) - resumed0 == 3
+    assert _counter(metrics.ENGINE_PASSES.labels("prefill")) == prefills
+    for i, prompt in enumerate(prompts):
+        r = done[f"long{i}"]
+        assert r.finish_reason == "length" and len(r.token_ids) == sampling.max_new_tokens
+        assert r.token_ids == ref_greedy(reference_model, prompt, sampling.max_new_tokens)
+        assert r.logprobs[: len(partials[i].logprobs)] == partials[i].logprobs
+    # The cache is used once: resuming the same prefixes again prefills them.
+    _resume(engine, prompts, partials, sampling)
+    assert _counter(metrics.KV_RESUMED) - resumed0 == 3
+
+
+@pytest.mark.parametrize("resume_kv, drop_last", [(False, 0), (True, 1)])
+def test_a_batch_is_re_prefilled_unless_kept_and_resumed_exactly(
+    engine, reference_model, resume_kv, drop_last
+):
+    """Without resume_kv nothing is kept; a prefix that is not exactly the stopped row's
+    (here one token short) is prefilled, and still continues like an uninterrupted run."""
+    from rlfleet.rollout import metrics
+
+    prompts, partials, sampling = _abort_midway(engine, reference_model, resume_kv=resume_kv)
+    prefills, resumed0 = _counter(metrics.ENGINE_PASSES.labels("prefill")), _counter(
+        metrics.KV_RESUMED
+    )
+    done = _resume(engine, prompts, partials, sampling, drop_last=drop_last)
+    assert _counter(metrics.KV_RESUMED) == resumed0
+    assert _counter(metrics.ENGINE_PASSES.labels("prefill")) > prefills
+    for i, prompt in enumerate(prompts):
+        assert done[f"long{i}"].token_ids == ref_greedy(
+            reference_model, prompt, sampling.max_new_tokens
+        )

@@ -125,6 +125,7 @@ def test_iterations_abort_and_resume_across_versions(replica_pool, sim_model_dir
             replica_pool, job_id="j", version=step, sampling=sampling_params(spec, step)
         )
         before = {m.seq_id: (list(m.token_ids), m.spans) for g in pool for m in g.unfinished()}
+        home = {m.seq_id: m.replica for g in pool for m in g.unfinished()}
         report = driver.run_c3po(backend, step=step)
         assert backend.in_flight == 0
         assert report.budget_used >= 1500 and report.released
@@ -142,6 +143,8 @@ def test_iterations_abort_and_resume_across_versions(replica_pool, sim_model_dir
         for g in [*pool, *report.released]:
             for m in g.members:
                 if m.seq_id in before:
+                    # Resumed on the replica that generated it (it may keep its KV cache).
+                    assert m.replica and m.replica == home[m.seq_id]
                     tokens, spans = before[m.seq_id]
                     assert m.token_ids[: len(tokens)] == tokens
                     assert m.versions[: len(tokens)] == [v for v, n in spans for _ in range(n)]

@@ -4,8 +4,10 @@ Work is dispatched whole-group-at-a-time to the replica with the fewest
 outstanding sequences; each ``submit`` opens one Generate stream per replica it
 uses, and the engines batch concurrent streams together (continuous batching),
 so a refill joins the running batch at once. Carried-over rollouts are sent with
-their prefix (tokens, log-probs, per-token versions): the replica re-prefills
-prompt + prefix and samples on under the version it holds.
+their prefix (tokens, log-probs, per-token versions) back to the replica that
+generated them: it resumes them from the KV cache it kept at the stop
+(``resume_kv``) or re-prefills prompt + prefix, and samples on under the version
+it holds.
 
 ``abort`` calls Abort on every replica with a stream open and waits for the
 streams to hand back their partials (finished = false). An Abort that reaches a
@@ -98,10 +100,13 @@ class GrpcBackend(RolloutBackend):
             if not live:
                 raise Unavailable("rollout: no healthy replica is left to generate on")
             for group, members in units:
-                # Least outstanding sequences first: keeps every replica's batch full.
-                replica = min(live, key=lambda r: self._load[r.address])
+                # A carried rollout goes back to its replica, which may hold its KV cache;
+                # new work goes to the least outstanding sequences: keeps batches full.
+                home = [r for r in live if r.address == members[0].replica]
+                replica = home[0] if home else min(live, key=lambda r: self._load[r.address])
                 requests = plan.setdefault(replica.address, [])
                 for m in members:
+                    m.replica = replica.address
                     requests.append(
                         rollout_pb2.SequenceRequest(
                             seq_id=m.seq_id,

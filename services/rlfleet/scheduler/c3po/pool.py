@@ -73,6 +73,9 @@ class Rollout:
     finish_reason: str = ""
     dirty: bool = True
     """Changed since the pool was last saved."""
+    replica: str = ""
+    """Address of the replica it was last dispatched to: a carried rollout goes back
+    there, where its KV cache may wait (``SamplingParams.resume_kv``). Never saved."""
     in_flight: bool = False
     """Submitted to a replica that has not reported on it yet. Only overlapped
     scheduling leaves rollouts in flight across an iteration boundary; never saved
