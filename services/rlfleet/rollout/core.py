@@ -203,6 +203,8 @@ class RolloutCore:
                     "no model is loaded on this replica; pass model_path with LoadVersion"
                 )
             held = (self.job_id, self.engine.version) == (job_id, version)
+            if job_id != self.job_id:
+                self.engine.drop_kept_kv()  # another job's seq_ids could match its rows
             if switched or version == 0 or not held:
                 got = self._pull_and_swap(address, job_id, version)
                 self.job_id = job_id

@@ -219,6 +219,10 @@ class RolloutEngine(ABC):
         ``finished=False, finish_reason="aborted"`` and the call returns.
         """
 
+    def drop_kept_kv(self) -> None:  # noqa: B027 - optional hook
+        """Forgets any KV cache kept for calls that may resume it (``Sampling.resume_kv``):
+        the replica moves to another job, whose sequences must not match it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stops background work; the engine is unusable afterwards."""
 

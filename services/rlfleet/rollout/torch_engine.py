@@ -11,8 +11,9 @@ ends, which is what makes this faster than ``transformers``' ``generate``.
 Weight swaps take the same lock as one decode step, so a step runs entirely on
 old or entirely on new weights; tokens sampled after the swap record the new
 version. The KV cache of sequences in flight is kept (it was computed under the
-old weights), as in interruptible rollout systems; the scheduler normally
-aborts before loading a new version anyway.
+old weights), as in interruptible rollout systems. So is that of a batch an
+Abort stopped whole, when its calls asked for it (``Sampling.resume_kv``): the
+calls that resume its sequences decode on from it without a prefill (``parked``).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class TorchEngine(RolloutEngine):
         self._pending: deque[GenerateCall] = deque()
         self._live = 0
         self._started: set[GenerateCall] = set()  # calls with admitted sequences, not yet done
-        self._parked: ParkedBatch | None = None  # engine thread only (see parked.py)
+        self._parked: ParkedBatch | None = None  # set by the engine thread (see parked.py)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
         self._thread.start()
@@ -202,6 +203,9 @@ class TorchEngine(RolloutEngine):
             self._version = int(version)
         logger.info("weights swapped", extra={"version": int(version), "tensors": len(state)})
 
+    def drop_kept_kv(self) -> None:
+        self._parked = None  # the engine thread claims from the object it matched against
+
     # -- generation -------------------------------------------------------------------
 
     def generate(
@@ -277,10 +281,15 @@ class TorchEngine(RolloutEngine):
         self._abort_pending()
         live = len(batch.rows) if batch else 0
         can_join = batch is None or batch.can_merge
-        new_rows, resumed = self._admit(self.max_batch_seqs - live) if can_join else ([], [])
+        parked = self._parked
+        if parked is not None and parked.expired():
+            parked = self._parked = None
+        new_rows, resumed = (
+            self._admit(self.max_batch_seqs - live, parked) if can_join else ([], [])
+        )
         if resumed:
-            added = self._parked.claim(resumed) if self._parked else None
-            self._parked = None
+            self._parked = None  # claimed once: the rows it held now run (or are dropped)
+            added = parked.claim(resumed)
             metrics.KV_RESUMED.inc(len(resumed))
             if added is not None:
                 batch = added if batch is None else batch.merge(added)
@@ -309,14 +318,13 @@ class TorchEngine(RolloutEngine):
             self._live = len(batch.rows) if batch else 0
         return batch
 
-    def _admit(self, capacity: int) -> tuple[list[Row], list[tuple[int, Row]]]:
+    def _admit(
+        self, capacity: int, parked: ParkedBatch | None
+    ) -> tuple[list[Row], list[tuple[int, Row]]]:
         """Takes queued sequences, in arrival order, up to the batch and prefill limits:
-        rows to prefill, and rows that resume a parked row (its index) with its cache."""
+        rows to prefill, and rows that resume a row of ``parked`` (its index) from its cache."""
         rows: list[Row] = []
         resumed: list[tuple[int, Row]] = []
-        parked = self._parked
-        if parked is not None and parked.expired():
-            parked = self._parked = None
         over: list[tuple[Row, str]] = []  # already at their end: handed back, not prefilled
         longest = 0
         with self._cv:

@@ -104,3 +104,15 @@ def test_config_reads_flags_and_environment(monkeypatch):
     assert (cfg.device, cfg.max_batch_seqs, cfg.dtype, cfg.engine) == ("cpu", 8, "float32", "torch")
     with pytest.raises(SystemExit, match="engine"):
         load_config(RolloutConfig, ["--engine", "nope"])
+
+
+def test_a_version_of_another_job_drops_the_kept_kv_cache(core, monkeypatch):
+    """Kept KV rows are matched by seq_id; another job's sequences reuse those ids.
+    (Weight-sync is stubbed out here: this checks the core's bookkeeping only.)"""
+    dropped: list[str] = []
+    monkeypatch.setattr(core.engine, "drop_kept_kv", lambda: dropped.append(core.job_id))
+    monkeypatch.setattr(core, "_pull_and_swap", lambda address, job_id, version: version)
+    monkeypatch.setattr(core, "_report_held", lambda *args: None)
+    for job, version in (("a", 1), ("a", 2), ("b", 1), ("b", 2)):
+        core.load_version(job_id=job, version=version, weightsync_address="127.0.0.1:1")
+    assert dropped == ["", "a"]  # on the first job, then on the switch from a to b

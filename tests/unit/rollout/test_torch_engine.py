@@ -169,8 +169,9 @@ def test_an_aborted_batch_resumes_from_its_kv_cache(engine, reference_model):
     from rlfleet.rollout import metrics
 
     prompts, partials, sampling = _abort_midway(engine, reference_model, resume_kv=True)
-    prefills, resumed0 = _counter(metrics.ENGINE_PASSES.labels("prefill")), _counter(
-        metrics.KV_RESUMED
+    prefills, resumed0 = (
+        _counter(metrics.ENGINE_PASSES.labels("prefill")),
+        _counter(metrics.KV_RESUMED),
     )
     done = _resume(engine, prompts, partials, sampling)
     # No forward pass re-read the prompts: the rows decoded on from the kept cache.
@@ -195,8 +196,9 @@ def test_a_batch_is_re_prefilled_unless_kept_and_resumed_exactly(
     from rlfleet.rollout import metrics
 
     prompts, partials, sampling = _abort_midway(engine, reference_model, resume_kv=resume_kv)
-    prefills, resumed0 = _counter(metrics.ENGINE_PASSES.labels("prefill")), _counter(
-        metrics.KV_RESUMED
+    prefills, resumed0 = (
+        _counter(metrics.ENGINE_PASSES.labels("prefill")),
+        _counter(metrics.KV_RESUMED),
     )
     done = _resume(engine, prompts, partials, sampling, drop_last=drop_last)
     assert _counter(metrics.KV_RESUMED) == resumed0
@@ -205,3 +207,14 @@ def test_a_batch_is_re_prefilled_unless_kept_and_resumed_exactly(
         assert done[f"long{i}"].token_ids == ref_greedy(
             reference_model, prompt, sampling.max_new_tokens
         )
+
+
+def test_dropping_the_kept_cache_makes_a_resume_prefill(engine, reference_model):
+    from rlfleet.rollout import metrics
+
+    prompts, partials, sampling = _abort_midway(engine, reference_model, resume_kv=True)
+    engine.drop_kept_kv()
+    resumed0 = _counter(metrics.KV_RESUMED)
+    done = _resume(engine, prompts, partials, sampling)
+    assert _counter(metrics.KV_RESUMED) == resumed0
+    assert done["long0"].token_ids == ref_greedy(reference_model, prompts[0], 40)
