@@ -23,6 +23,12 @@ from rlfleet.common.procs import Proc, redis_url_of, start_redis, start_service
 
 _db_numbers = itertools.count(1)
 
+# Nothing in the suite may leave loopback: a dataset name that is not a local path
+# (task.kind = "dataset", e.g. one the API's property tests make up) would otherwise
+# be looked up on the Hugging Face Hub. Services the tests start inherit this.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def redis_proc(tmp_path_factory) -> Proc:

@@ -20,6 +20,7 @@ import redis
 from rlfleet.common.grpc_client import make_channel
 from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
 from rlfleet_client import RlfleetClient
+from rlfleet_client.errors import ApiError
 
 pytestmark = pytest.mark.slow
 
@@ -130,4 +131,23 @@ def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):
         capture_output=True, text=True, check=True, env=env,
     ).stdout  # fmt: skip
     assert job_id in listing and second.id in listing
+
+    # A job whose prompts come from the user's own JSONL file (task.kind = "dataset"),
+    # scored by math-verify against the mapped answer column.
+    rows = tmp_path / "arith.jsonl"
+    rows.write_text("".join(
+        json.dumps({"problem": f"{a} + {b} =", "gold": str(a + b), "source": "mine"}) + "\n"
+        for a in range(5) for b in range(5)
+    ))  # fmt: skip
+    dataset_job = {**_job_spec(tiny_model_dir, 2), "reward": {"verifier": "math"},
+                   "task": {"kind": "dataset", "dataset": {
+                       "path": str(rows), "prompt_column": "problem", "answer_column": "gold"}}}  # fmt: skip
+    third = client.wait(client.submit(dataset_job).id, timeout=600)
+    assert third.state == "succeeded", third.reason
+    assert [r.step for r in client.steps(third.id)] == [0, 1]
+    dataset_job["task"]["dataset"]["answer_column"] = "answer"
+    with pytest.raises(ApiError) as refused:  # a column the file lacks: 422, named
+        client.submit(dataset_job)
+    assert refused.value.status_code == 422
+    assert "task.dataset.answer_column 'answer' is not a column of" in refused.value.message
     client.close()

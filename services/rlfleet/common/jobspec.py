@@ -48,17 +48,47 @@ class ModelSpec(_Spec):
             )
 
 
+class DatasetSpec(_Spec):
+    path: str = Field(min_length=1)
+    """A JSONL/JSON, Parquet or CSV file, a directory written by ``save_to_disk``, or a
+    Hugging Face Hub dataset name (needs the network; untested here)."""
+    format: Literal["auto", "json", "parquet", "csv", "disk", "hub"] = "auto"
+    """How to read ``path``; auto: by its suffix, a directory is ``disk``, else ``hub``."""
+    split: str = "train"
+    """The split prompts come from (a file holds one split, "train")."""
+    prompt_column: str = "question"
+    """The column holding the prompt text; it fills ``{question}`` of the template."""
+    answer_column: str = "answer"
+    """The ground truth the verifier compares with; every other column travels too."""
+    eval_split: str = ""
+    """A named split held out for evaluation (a saved DatasetDict or a Hub dataset)."""
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Or: this seeded share of ``split`` is held out for evaluation."""
+    shuffle: bool = True
+    """Shuffle the rows with ``task.seed`` (once: index i is the same row after restarts)."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DatasetSpec:
+        if self.eval_split and self.eval_fraction:
+            raise ValueError("task.dataset: set eval_split or eval_fraction, not both")
+        return self
+
+
 class TaskSpec(_Spec):
-    kind: Literal["reasoning_gym"] = "reasoning_gym"
-    """Where prompts come from: reasoning-gym procedural datasets (offline)."""
+    kind: Literal["reasoning_gym", "dataset"] = "reasoning_gym"
+    """Where prompts come from: reasoning-gym procedural datasets (offline), or the
+    user's own data (``dataset``)."""
     name: str = "basic_arithmetic"
-    """The reasoning-gym dataset name."""
+    """The reasoning-gym dataset name (kind reasoning_gym)."""
+    dataset: DatasetSpec | None = None
+    """kind dataset: the file or directory and its column mapping."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Extra arguments for the dataset (e.g. min_digits, max_digits)."""
     size: int = Field(default=10_000, ge=1, le=10_000_000)
-    """Number of distinct prompts; steps cycle through them."""
+    """Number of distinct prompts (reasoning_gym; a dataset has its rows); steps cycle
+    through them."""
     seed: int = 0
-    """Dataset seed."""
+    """Dataset seed: reasoning-gym's generator, or a dataset's shuffle and held-out split."""
     prompt_template: str = "{question} Answer:"
     """How a question becomes the prompt text; must contain {question}."""
 
@@ -73,6 +103,14 @@ class TaskSpec(_Spec):
                 f"unknown task {v!r}; known tasks include {', '.join(sorted(names)[:8])}, ..."
             )
         return v
+
+    @model_validator(mode="after")
+    def _dataset_needs_its_block(self) -> TaskSpec:
+        if self.kind == "dataset" and self.dataset is None:
+            raise ValueError("task.dataset is required when task.kind is 'dataset'")
+        if self.kind != "dataset" and self.dataset is not None:
+            raise ValueError("task.dataset is set but task.kind is not 'dataset'")
+        return self
 
     @field_validator("prompt_template")
     @classmethod
@@ -219,6 +257,15 @@ class JobSpec(_Spec):
     """Training steps (policy versions) to run."""
     seed: int = 0
     """Seed of sampling and training."""
+
+    @model_validator(mode="after")
+    def _dataset_needs_a_verifier_of_its_own(self) -> JobSpec:
+        if self.task.kind == "dataset" and self.reward.verifier == "reasoning_gym":
+            raise ValueError(
+                "reward.verifier 'reasoning_gym' scores reasoning-gym tasks only; for "
+                "task.kind 'dataset' choose math, exact, regex or code"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pool_fits_a_group(self) -> JobSpec:

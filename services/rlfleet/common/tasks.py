@@ -19,15 +19,24 @@ def known_task_names() -> frozenset[str]:
 
 
 class PromptSource:
-    """Deterministic prompts for a job; index i always yields the same prompt."""
+    """Deterministic prompts for a job; index i always yields the same prompt.
+
+    Entries come from a reasoning-gym dataset or from the user's own data
+    (``dataset_task.DatasetEntries``); both are indexable sequences of dicts with a
+    ``question``, which the prompt template formats."""
 
     def __init__(self, spec: TaskSpec):
-        import reasoning_gym
-
         self.spec = spec
-        self.dataset = reasoning_gym.create_dataset(
-            spec.name, size=spec.size, seed=spec.seed, **spec.params
-        )
+        if spec.kind == "dataset":
+            from rlfleet.common.dataset_task import DatasetEntries
+
+            self.dataset = DatasetEntries(spec.dataset, seed=spec.seed)
+        else:
+            import reasoning_gym
+
+            self.dataset = reasoning_gym.create_dataset(
+                spec.name, size=spec.size, seed=spec.seed, **spec.params
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)

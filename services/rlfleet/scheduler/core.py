@@ -57,13 +57,21 @@ def validate_spec(spec_json: str) -> JobSpec:
 
 
 def _check_task(spec: JobSpec) -> None:
-    """Builds the task's dataset once, so bad ``task.params`` fail the submit, not the job."""
+    """Builds the task's dataset once, so bad ``task.params`` (or a dataset file that
+    cannot be read, or lacks a mapped column) fail the submit, not the job."""
     from rlfleet.common.tasks import PromptSource
 
     try:
         PromptSource(spec.task).get(0)
+        data = spec.task.dataset
+        if data is not None and (data.eval_split or data.eval_fraction):
+            from rlfleet.common.dataset_task import DatasetEntries
+
+            DatasetEntries(data, seed=spec.task.seed, part="eval")[0]
     except (TypeError, ValueError, AssertionError, KeyError) as exc:
         reason = str(exc).replace("__init__() ", "") or type(exc).__name__
+        if spec.task.kind == "dataset":
+            raise InvalidArgument(f"invalid job spec: {reason}") from None
         raise InvalidArgument(
             f"invalid job spec: task.params do not fit task {spec.task.name!r}: {reason}"
         ) from None
