@@ -4,7 +4,8 @@ A JSONL/JSON, Parquet or CSV file, a directory written by ``Dataset.save_to_disk
 or (where the network allows; untested here) a Hugging Face Hub dataset by name.
 Each row becomes a task entry: every column as it is, plus ``question`` (the
 prompt column) and ``answer`` (the ground-truth column), which the prompt template
-and the verifiers read. The rows are split (a named eval split, or a seeded
+and the verifiers read (``answer_regex`` picks the ground truth out of a worked
+solution, as GSM8K's "#### 72"). The rows are split (a named eval split, or a seeded
 held-out fraction) and shuffled with the task's seed once, so index i names the
 same row after any restart: the scheduler resumes jobs by step, and C3PO++ by
 prompt serial.
@@ -12,6 +13,7 @@ prompt serial.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -114,4 +116,12 @@ class DatasetEntries:
             raise ValueError(
                 f"task.dataset: row {index} has no prompt text in {self.spec.prompt_column!r}"
             )
+        if self.spec.answer_regex:
+            found = re.search(self.spec.answer_regex, str(answer), re.MULTILINE)
+            if found is None:
+                raise ValueError(
+                    f"task.dataset.answer_regex {self.spec.answer_regex!r} finds nothing in "
+                    f"row {index}'s {self.spec.answer_column!r}: {str(answer)[-80:]!r}"
+                )
+            answer = found.group(1).strip()
         return {**row, "question": question, "answer": answer}

@@ -60,12 +60,29 @@ class DatasetSpec(_Spec):
     """The column holding the prompt text; it fills ``{question}`` of the template."""
     answer_column: str = "answer"
     """The ground truth the verifier compares with; every other column travels too."""
+    answer_regex: str = ""
+    """A regex searched in the answer column (multi-line) whose first group is the ground
+    truth, for answers that carry a worked solution: GSM8K's is ``####\\s*(.+)$``."""
     eval_split: str = ""
     """A named split held out for evaluation (a saved DatasetDict or a Hub dataset)."""
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Or: this seeded share of ``split`` is held out for evaluation."""
     shuffle: bool = True
     """Shuffle the rows with ``task.seed`` (once: index i is the same row after restarts)."""
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        if v:
+            import re
+
+            try:
+                groups = re.compile(v).groups
+            except re.error as exc:
+                raise ValueError(f"not a valid regex: {exc}") from None
+            if groups < 1:
+                raise ValueError("needs a group, (...), around the ground truth")
+        return v
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:

@@ -83,6 +83,21 @@ def test_a_held_out_fraction_is_disjoint_from_the_train_part_and_stable(jsonl):
     assert evals == {DatasetEntries(spec, seed=3, part="eval")[i]["problem"] for i in range(10)}
 
 
+def test_answer_regex_takes_the_ground_truth_out_of_a_worked_solution(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(
+        json.dumps({"problem": "2 apples and 3 more?", "solution": "2 + 3 = 5\n#### 5"}) + "\n"
+        + json.dumps({"problem": "no marker", "solution": "it is 7"}) + "\n"
+    )  # fmt: skip
+    source = PromptSource(task(path, answer_regex=r"####\s*(.+)$", shuffle=False))
+    assert source.get(0)[1]["answer"] == "5"
+    with pytest.raises(ValueError, match="finds nothing in row 1's 'solution': 'it is 7'"):
+        source.get(1)
+    for bad, why in (("####", "needs a group"), ("(", "not a valid regex")):
+        with pytest.raises(ValueError, match=why):
+            task(path, answer_regex=bad)
+
+
 def _submit(tiny_model_dir, task_block: dict, **extra) -> JobSpec:
     spec = {"model": {"path": str(tiny_model_dir)}, "task": task_block,
             "reward": {"verifier": "math"}, **extra}  # fmt: skip

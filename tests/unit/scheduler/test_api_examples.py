@@ -29,11 +29,26 @@ def test_examples_are_shipped():
     assert {"reasoning_gym", "math", "regex"} <= verifiers
 
 
+def _own_data(spec: dict, tmp_path: Path) -> None:
+    """A dataset example's file, written by the script the example names, in tmp_path."""
+    import importlib.util
+
+    script = EXAMPLES / "make_gsm8k_style.py"
+    module_spec = importlib.util.spec_from_file_location("make_gsm8k_style", script)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    data = spec["task"]["dataset"]
+    assert data["path"] == "examples/data/gsm8k_style.jsonl"  # where the comment says
+    data["path"] = str(module.write(tmp_path / "gsm8k_style.jsonl", rows=200))
+
+
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
-def test_example_validates(path, token_model_dir):
+def test_example_validates(path, token_model_dir, tmp_path):
     spec = _load(path)
     assert spec["model"]["path"], "every example names a (placeholder) model path"
     spec["model"]["path"] = str(token_model_dir)
+    if spec.get("task", {}).get("kind") == "dataset":
+        _own_data(spec, tmp_path)
     try:
         parsed = validate_spec(json.dumps(spec))
     except InvalidArgument as exc:
@@ -42,6 +57,8 @@ def test_example_validates(path, token_model_dir):
         raise
     prompt, entry = PromptSource(parsed.task).get(0)
     assert prompt and "answer" in entry
+    if parsed.task.kind == "dataset":  # the ground truth is N, not the worked solution
+        assert entry["answer"].lstrip("-").isdigit(), entry["answer"]
 
 
 def test_json_example_is_the_toml_one():
