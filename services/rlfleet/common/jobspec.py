@@ -107,7 +107,12 @@ class TaskSpec(_Spec):
     seed: int = 0
     """Dataset seed: reasoning-gym's generator, or a dataset's shuffle and held-out split."""
     prompt_template: str = "{question} Answer:"
-    """How a question becomes the prompt text; must contain {question}."""
+    """How a question becomes the prompt text (chat: the user turn); must contain {question}."""
+    prompt_format: Literal["template", "chat"] = "template"
+    """template: the formatted text is the prompt; chat: it is the user turn of a
+    conversation rendered with the model's own chat template (generation prompt open)."""
+    system_prompt: str = ""
+    """chat: a system turn before the user's (none when empty)."""
 
     @field_validator("name")
     @classmethod

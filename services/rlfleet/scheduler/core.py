@@ -51,18 +51,20 @@ def validate_spec(spec_json: str) -> JobSpec:
         check_mode(spec.scheduling.mode)
     except ValueError as exc:
         raise InvalidArgument(f"invalid job spec: {exc}") from None
-    load_codec(spec.model.path)  # InvalidArgument without a tokenizer.json
-    _check_task(spec)
+    codec = load_codec(spec.model.path)  # InvalidArgument without a tokenizer.json
+    prompt = _check_task(spec)
+    codec.prompt_ids(prompt, spec.task)  # chat: InvalidArgument without a chat template
     return spec
 
 
-def _check_task(spec: JobSpec) -> None:
+def _check_task(spec: JobSpec) -> str:
     """Builds the task's dataset once, so bad ``task.params`` (or a dataset file that
-    cannot be read, or lacks a mapped column) fail the submit, not the job."""
+    cannot be read, or lacks a mapped column) fail the submit, not the job; returns the
+    first prompt."""
     from rlfleet.common.tasks import PromptSource
 
     try:
-        PromptSource(spec.task).get(0)
+        prompt, _ = PromptSource(spec.task).get(0)
         data = spec.task.dataset
         if data is not None and (data.eval_split or data.eval_fraction):
             from rlfleet.common.dataset_task import DatasetEntries
@@ -75,6 +77,7 @@ def _check_task(spec: JobSpec) -> None:
         raise InvalidArgument(
             f"invalid job spec: task.params do not fit task {spec.task.name!r}: {reason}"
         ) from None
+    return prompt
 
 
 class SchedulerCore:

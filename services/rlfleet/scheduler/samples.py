@@ -2,7 +2,8 @@
 replicas' results into ``Sample`` messages.
 
 The scheduler tokenises with the model directory's ``tokenizer.json`` through
-``tokenizers`` alone, so it never imports torch or transformers.
+``tokenizers`` alone, so it never imports torch or transformers; chat prompts
+(``chat.py``) render the model's chat template with transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlfleet.common.errors import InvalidArgument, RlfleetError
+from rlfleet.common.jobspec import TaskSpec
 from rlfleet.common.tasks import PromptSource, entry_to_json
 from rlfleet.v1 import common_pb2, rollout_pb2
 
@@ -24,9 +26,19 @@ class TextCodec:
 
     tokenizer: Any  # tokenizers.Tokenizer
     eos_ids: frozenset[int]
+    model_path: str = ""
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
+
+    def prompt_ids(self, text: str, task: TaskSpec) -> list[int]:
+        """The prompt tokens of a task's formatted prompt: the text itself, or (chat) the
+        conversation the model's chat template makes of it (``chat.py``)."""
+        if task.prompt_format == "chat":
+            from rlfleet.scheduler.chat import chat_prompt_ids
+
+            return chat_prompt_ids(self.model_path, text, task.system_prompt)
+        return self.encode(text)
 
     def completion_text(self, token_ids: list[int]) -> str:
         """The completion up to (not including) its first end-of-sequence token."""
@@ -70,7 +82,7 @@ def load_codec(model_path: str) -> TextCodec:
     # setting would silently change them.
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    return TextCodec(tokenizer, _eos_ids(model_dir, tokenizer))
+    return TextCodec(tokenizer, _eos_ids(model_dir, tokenizer), model_path)
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ def make_groups(
     groups = []
     for serial in range(first_serial, first_serial + count):
         text, entry = prompts.get(serial)
-        ids = codec.encode(text)
+        ids = codec.prompt_ids(text, prompts.spec)
         if not ids:
             raise InvalidArgument(f"prompt {serial} tokenises to nothing: {text!r}")
         sequences = [

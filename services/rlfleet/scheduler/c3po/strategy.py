@@ -49,7 +49,7 @@ class PromptGroupSource:
 
     def draw(self, serial: int, *, step: int) -> Group:
         text, entry = self.prompts.get(serial)
-        ids = self.codec.encode(text)
+        ids = self.codec.prompt_ids(text, self.prompts.spec)
         if not ids:
             raise RlfleetError(f"prompt {serial} tokenises to nothing: {text!r}")
         return Group(

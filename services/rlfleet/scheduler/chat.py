@@ -1,0 +1,45 @@
+"""Chat prompts (``task.prompt_format = "chat"``): the model's own chat template.
+
+The task's formatted prompt becomes the user turn (after an optional system turn),
+and the tokenizer's chat template, rendered by transformers exactly as at
+inference time, gives the prompt token ids, generation prompt included. Those ids
+travel in every request and sample, so the replicas, the reward service and the
+trainer see the very same prompt tokens. Only chat jobs import transformers here;
+the scheduler otherwise tokenises with ``tokenizers`` alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from rlfleet.common.errors import InvalidArgument
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if not tokenizer.chat_template:
+        raise InvalidArgument(
+            f"task.prompt_format is 'chat' but model {model_path!r} has no chat template "
+            "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'template'"
+        )
+    return tokenizer
+
+
+def chat_messages(user_text: str, system_prompt: str) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": user_text}]
+
+
+def chat_prompt_ids(model_path: str, user_text: str, system_prompt: str = "") -> list[int]:
+    """Token ids of the conversation [system?, user] with the assistant's turn opened."""
+    tokenizer = _chat_tokenizer(model_path)
+    encoded = tokenizer.apply_chat_template(
+        chat_messages(user_text, system_prompt), add_generation_prompt=True, tokenize=True
+    )
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
