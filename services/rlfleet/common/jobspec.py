@@ -142,12 +142,40 @@ class TaskSpec(_Spec):
         return v
 
 
+VerifierKind = Literal["reasoning_gym", "math", "exact", "regex", "code"]
+
+
+class RewardTerm(_Spec):
+    verifier: VerifierKind
+    weight: float = Field(allow_inf_nan=False)
+    name: str = ""
+    """The term's name in the step metrics (``reward_<name>_mean``; default: its verifier)."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """The verifier's own settings, e.g. {"pattern": ...} for regex, {"extract": "full"}."""
+
+
 class RewardSpec(_Spec):
-    verifier: Literal["reasoning_gym", "math", "exact", "regex", "code"] = "reasoning_gym"
+    verifier: Literal[VerifierKind, "weighted"] = "reasoning_gym"
     """reasoning_gym: the task's own scorer; math: math-verify; exact / regex: string match;
-    code: run the completion's program against the entry's tests in a sandbox."""
+    code: run the completion's program against the entry's tests in a sandbox;
+    weighted: Σ weight × score over ``terms``."""
     pattern: str = ""
     """For regex: a pattern that a correct completion matches (fullmatch after strip)."""
+    terms: list[RewardTerm] = Field(default_factory=list)
+    """weighted: the verifiers and their weights, e.g. a format regex at 0.1 and math at 1.0.
+    Each term's mean score is a step metric beside reward_mean."""
+
+    @model_validator(mode="after")
+    def _terms_only_when_weighted(self) -> RewardSpec:
+        if self.verifier == "weighted" and not self.terms:
+            raise ValueError("reward.terms is required when reward.verifier is 'weighted'")
+        if self.verifier != "weighted" and self.terms:
+            raise ValueError("reward.terms is set but reward.verifier is not 'weighted'")
+        names = [t.name or t.verifier for t in self.terms]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"reward.terms: two terms are named {name!r}; give each a name")
+        return self
 
     @model_validator(mode="after")
     def _regex_needs_pattern(self) -> RewardSpec:
@@ -282,7 +310,8 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _dataset_needs_a_verifier_of_its_own(self) -> JobSpec:
-        if self.task.kind == "dataset" and self.reward.verifier == "reasoning_gym":
+        kinds = {self.reward.verifier, *(t.verifier for t in self.reward.terms)}
+        if self.task.kind == "dataset" and "reasoning_gym" in kinds:
             raise ValueError(
                 "reward.verifier 'reasoning_gym' scores reasoning-gym tasks only; for "
                 "task.kind 'dataset' choose math, exact, regex or code"

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -64,6 +64,8 @@ class ScoreResult:
     """In request order."""
     written: int
     """Samples newly appended to the buffer (a repeat of an id is not counted)."""
+    terms: dict[str, list[float]] = field(default_factory=dict)
+    """A combined verifier's score per term and sample, in request order."""
 
 
 def parse_verifier_config(text: str) -> dict[str, Any]:
@@ -189,7 +191,10 @@ class RewardCore:
         entries = [_entry_of(i, s, checker) for i, s in enumerate(samples)]
 
         start = time.perf_counter()
-        rewards = self._score_all(checker, samples, entries)
+        scored_terms = self._score_all(checker, samples, entries)
+        rewards = [reward for reward, _ in scored_terms]
+        names = sorted({name for _, terms in scored_terms for name in terms})
+        terms = {n: [t.get(n, 0.0) for _, t in scored_terms] for n in names}
         SCORE_SECONDS.labels(verifier).observe(time.perf_counter() - start)
         SAMPLES_SCORED.labels(verifier).inc(len(samples))
         for r in rewards:
@@ -205,11 +210,12 @@ class RewardCore:
                 out.reward = r
                 scored.append(out)
             written = self._append(job_id, scored)
-        return ScoreResult(rewards=rewards, written=written)
+        return ScoreResult(rewards=rewards, written=written, terms=terms)
 
     def _score_all(
         self, checker: Verifier, samples: list[Sample], entries: list[dict[str, Any]]
-    ) -> list[float]:
+    ) -> list[tuple[float, dict[str, float]]]:
+        """(reward, score per term) per sample; a late or failed sample scores 0."""
         pending = [
             self._pool.submit(self._score_one, checker, s, e)
             for s, e in zip(samples, entries, strict=True)
@@ -225,12 +231,18 @@ class RewardCore:
             )
             for f in late:
                 f.cancel()
-        return [f.result() if f in done else 0.0 for f in pending]
+        return [f.result() if f in done else (0.0, {}) for f in pending]
 
     @staticmethod
-    def _score_one(checker: Verifier, sample: Sample, entry: dict[str, Any]) -> float:
+    def _score_one(
+        checker: Verifier, sample: Sample, entry: dict[str, Any]
+    ) -> tuple[float, dict[str, float]]:
         try:
-            reward = float(checker.score(sample.completion_text, entry))
+            terms = checker.score_terms(sample.completion_text, entry)
+            if terms:
+                reward = float(checker.combine(terms))
+            else:
+                reward = float(checker.score(sample.completion_text, entry))
         except Exception:  # noqa: BLE001 - one bad sample must not fail the batch
             VERIFIER_ERRORS.labels(checker.kind, "exception").inc()
             logger.warning(
@@ -238,11 +250,11 @@ class RewardCore:
                 exc_info=True,
                 extra={"verifier": checker.kind, "sample_id": sample.sample_id},
             )
-            return 0.0
+            return 0.0, {}
         if not math.isfinite(reward):
             VERIFIER_ERRORS.labels(checker.kind, "not_finite").inc()
-            return 0.0
-        return reward
+            return 0.0, {}
+        return reward, terms
 
     def _append(self, job_id: str, scored: list[Sample]) -> int:
         assert self.buffer is not None

@@ -18,4 +18,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             samples=list(request.samples),
             write_to_buffer=request.write_to_buffer,
         )
-        return reward_pb2.ScoreResponse(rewards=result.rewards, written=result.written)
+        return reward_pb2.ScoreResponse(
+            rewards=result.rewards,
+            written=result.written,
+            terms={
+                name: reward_pb2.TermScores(scores=scores) for name, scores in result.terms.items()
+            },
+        )

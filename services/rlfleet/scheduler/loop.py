@@ -145,7 +145,7 @@ class JobRunner:
                 rollout = strategy.rollout(ctx)
             self._check(job_id, ctx.stop)
             with _phase("reward", timings):
-                rewards, written = self._score(job_id, spec, rollout.samples)
+                rewards, written, terms = self._score(job_id, spec, rollout.samples)
             self._check(job_id, ctx.stop)
             with _phase("train", timings):
                 trained = self.clients.train_step(job_id, step, len(rollout.samples))
@@ -162,6 +162,7 @@ class JobRunner:
             "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
             if rewards
             else 0.0,
+            **{f"reward_{name}_mean": sum(v) / len(v) for name, v in terms.items() if v},
             "samples": float(len(rollout.samples)),
             "samples_written": float(written),
             "samples_trained": float(trained.samples_trained),
@@ -182,10 +183,12 @@ class JobRunner:
 
     def _score(
         self, job_id: str, spec: JobSpec, samples: list[common_pb2.Sample]
-    ) -> tuple[list[float], int]:
-        """Scores the samples in batches and has reward write them to the buffer."""
+    ) -> tuple[list[float], int, dict[str, list[float]]]:
+        """Scores the samples in batches and has reward write them to the buffer; returns
+        the rewards, the samples written and (combined verifiers) each term's scores."""
         rewards: list[float] = []
         written = 0
+        terms: dict[str, list[float]] = {}
         for i in range(0, len(samples), self.score_batch_size):
             batch = samples[i : i + self.score_batch_size]
             reply = self.clients.score(
@@ -200,4 +203,6 @@ class JobRunner:
                 )
             rewards += reply.rewards
             written += reply.written
-        return rewards, written
+            for name, term in reply.terms.items():
+                terms.setdefault(name, []).extend(term.scores)
+        return rewards, written, terms

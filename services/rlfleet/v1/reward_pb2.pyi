@@ -22,9 +22,24 @@ class ScoreRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., verifier: _Optional[str] = ..., verifier_config_json: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[_common_pb2.Sample, _Mapping]]] = ..., write_to_buffer: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("rewards", "written")
+    __slots__ = ("rewards", "written", "terms")
+    class TermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TermScores
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TermScores, _Mapping]] = ...) -> None: ...
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     written: int
-    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., written: _Optional[int] = ...) -> None: ...
+    terms: _containers.MessageMap[str, TermScores]
+    def __init__(self, rewards: _Optional[_Iterable[float]] = ..., written: _Optional[int] = ..., terms: _Optional[_Mapping[str, TermScores]] = ...) -> None: ...
+
+class TermScores(_message.Message):
+    __slots__ = ("scores",)
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ...) -> None: ...

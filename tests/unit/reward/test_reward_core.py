@@ -251,3 +251,56 @@ def test_the_jobs_reward_spec_is_accepted_as_config(core):
 
     with pytest.raises(InvalidArgument, match="names verifier 'math'"):
         _score(core, _samples(1), config={"verifier": "math"})
+
+
+WEIGHTED = {
+    "verifier": "weighted",
+    "terms": [
+        {"verifier": "regex", "weight": 0.1, "name": "format", "settings": {"pattern": "-?[0-9]+"}},
+        {"verifier": "math", "weight": 1.0},
+    ],
+}
+
+
+def test_a_weighted_reward_sums_its_terms_and_reports_each(core):
+    samples = _samples(4)  # answers 0 and 2 are wrong numbers, 1 and 3 right
+    samples[2].completion_text = " twelve\n"  # neither a number nor right
+    spec = RewardSpec.model_validate(WEIGHTED)
+    result = _score(core, samples, verifier="weighted", config=json.loads(spec.model_dump_json()))
+    assert result.terms == {"format": [1.0, 1.0, 0.0, 1.0], "math": [0.0, 1.0, 0.0, 1.0]}
+    assert result.rewards == pytest.approx([0.1, 1.1, 0.0, 1.1])
+    plain = _score(core, samples, verifier="math")
+    assert plain.terms == {} and plain.rewards == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "terms, message",
+    [
+        ([{"verifier": "regex", "weight": 1.0}], "terms[0] (regex): "),
+        ([{"verifier": "weighted", "weight": 1.0}], "cannot nest"),
+        (
+            [{"verifier": "math", "weight": 1.0}, {"verifier": "math", "weight": 2.0}],
+            "named 'math'",
+        ),
+        ([{"verifier": "nope", "weight": 1.0}], "unknown verifier 'nope'"),
+        ([], "terms"),
+    ],
+)
+def test_bad_weighted_settings_are_refused_before_scoring(core, terms, message):
+    with pytest.raises(
+        InvalidArgument, match="verifier_config_json for 'weighted' is invalid"
+    ) as e:
+        _score(core, _samples(2), verifier="weighted", config={"terms": terms})
+    assert message in e.value.message
+
+
+def test_a_weighted_reward_spec_names_its_terms():
+    with pytest.raises(ValueError, match="reward.terms is required"):
+        RewardSpec(verifier="weighted")
+    with pytest.raises(ValueError, match="two terms are named 'exact'"):
+        RewardSpec.model_validate(
+            {"verifier": "weighted", "terms": [{"verifier": "exact", "weight": 1},
+                                               {"verifier": "exact", "weight": 2}]}
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="reward.terms is set but"):
+        RewardSpec.model_validate({"verifier": "math", "terms": WEIGHTED["terms"]})

@@ -143,7 +143,13 @@ class ScriptedReward(reward_pb2_grpc.RewardServiceServicer):
         if self.fail is not None:
             _raise(self.fail, "verifier 'nope' is not known")
         rewards = [float(s.completion_text.strip() == COMPLETION.strip()) for s in request.samples]
-        return reward_pb2.ScoreResponse(rewards=rewards, written=len(rewards))
+        terms = {}
+        if request.verifier == "weighted":  # a format term always met, and the match itself
+            terms = {
+                "format": reward_pb2.TermScores(scores=[1.0] * len(rewards)),
+                "exact": reward_pb2.TermScores(scores=rewards),
+            }
+        return reward_pb2.ScoreResponse(rewards=rewards, written=len(rewards), terms=terms)
 
 
 @dataclass

@@ -141,6 +141,21 @@ def test_pool_reloads_a_restarted_replica(fleet, token_model_dir):
         pool.close()
 
 
+def test_each_term_of_a_weighted_reward_is_a_step_metric(fleet_core, fleet, spec_of):
+    terms = [
+        {"verifier": "regex", "weight": 0.1, "name": "format", "settings": {"pattern": ".+"}},
+        {"verifier": "exact", "weight": 1.0},
+    ]
+    job = _run(fleet_core, spec_of(reward={"verifier": "weighted", "terms": terms}))
+    assert job.state == JobState.SUCCEEDED, job.reason
+    sent = json.loads(fleet.reward.requests[0].verifier_config_json)
+    assert fleet.reward.requests[0].verifier == "weighted" and sent["terms"][0]["weight"] == 0.1
+    for record in fleet_core.steps(job.job_id):
+        m = record.metrics
+        assert m["reward_format_mean"] == 1.0
+        assert m["reward_exact_mean"] == pytest.approx(m["reward_mean"])
+
+
 def test_reward_failure_fails_the_job_with_the_reason(fleet_core, fleet, spec_of):
     fleet.reward.fail = grpc.StatusCode.INVALID_ARGUMENT
     job = _run(fleet_core, spec_of())

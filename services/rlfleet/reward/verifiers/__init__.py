@@ -9,10 +9,18 @@ from rlfleet.reward.verifiers.code import CodeVerifier
 from rlfleet.reward.verifiers.gym import ReasoningGymVerifier
 from rlfleet.reward.verifiers.match import ExactVerifier, RegexVerifier
 from rlfleet.reward.verifiers.mathverify import MathVerifier
+from rlfleet.reward.verifiers.weighted import WeightedVerifier
 
 VERIFIERS: dict[str, type[Verifier]] = {
     cls.kind: cls
-    for cls in (ReasoningGymVerifier, MathVerifier, ExactVerifier, RegexVerifier, CodeVerifier)
+    for cls in (
+        ReasoningGymVerifier,
+        MathVerifier,
+        ExactVerifier,
+        RegexVerifier,
+        CodeVerifier,
+        WeightedVerifier,
+    )
 }
 
 
