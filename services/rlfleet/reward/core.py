@@ -238,11 +238,8 @@ class RewardCore:
         checker: Verifier, sample: Sample, entry: dict[str, Any]
     ) -> tuple[float, dict[str, float]]:
         try:
-            terms = checker.score_terms(sample.completion_text, entry)
-            if terms:
-                reward = float(checker.combine(terms))
-            else:
-                reward = float(checker.score(sample.completion_text, entry))
+            reward, terms = checker.score_with_terms(sample.completion_text, entry)
+            reward = float(reward)
         except Exception:  # noqa: BLE001 - one bad sample must not fail the batch
             VERIFIER_ERRORS.labels(checker.kind, "exception").inc()
             logger.warning(

@@ -96,25 +96,29 @@ class RoomyLayer(DynamicLayer):
     def append_rows(self, other: DynamicLayer, grow_other: int) -> None:
         """Writes ``other``'s rows into spare rows, left-padded by ``grow_other`` columns
         to this layer's width: one copy of the new rows, none of the old."""
-        rows, width, add = self.keys.shape[0], self.keys.shape[-2], other.keys.shape[0]
-        for buf, new in ((self._kbuf, other.keys), (self._vbuf, other.values)):
-            buf[rows : rows + add, :, :grow_other] = 0
-            buf[rows : rows + add, :, grow_other:width] = new
-        self._view(rows + add, width)
+        rows, width = self.keys.shape[0], self.keys.shape[-2]
+        self._write_rows(rows, other.keys, other.values, grow_other, width)
+        self._view(rows + other.keys.shape[0], width)
 
     def absorb(self, other: DynamicLayer, grow: int, grow_other: int) -> None:
         """Appends ``other``'s rows, left-padding this layer's columns by ``grow`` and
         ``other``'s by ``grow_other``, in one copy into a new buffer with room (padding
         and concatenating, then making room at the next update, copied three times)."""
-        k, v, ko, vo = self.keys, self.values, other.keys, other.values
-        rows, add, width = k.shape[0], ko.shape[0], k.shape[-2] + grow
-        self._alloc(rows + add, width + max(self.ROOM, width // 2), k, v)
-        for buf, old, new in ((self._kbuf, k, ko), (self._vbuf, v, vo)):
-            buf[:rows, :, :grow] = 0
-            buf[:rows, :, grow:width] = old
-            buf[rows : rows + add, :, :grow_other] = 0
-            buf[rows : rows + add, :, grow_other:width] = new
-        self._view(rows + add, width)
+        k, v = self.keys, self.values
+        rows, width = k.shape[0], k.shape[-2] + grow
+        self._alloc(rows + other.keys.shape[0], width + max(self.ROOM, width // 2), k, v)
+        self._write_rows(0, k, v, grow, width)
+        self._view(rows, width)
+        self.append_rows(other, grow_other)
+
+    def _write_rows(
+        self, at: int, keys: torch.Tensor, values: torch.Tensor, pad: int, width: int
+    ) -> None:
+        """Buffer rows ``at`` on: ``pad`` zero columns, then ``keys``/``values``."""
+        end = at + keys.shape[0]
+        for buf, new in ((self._kbuf, keys), (self._vbuf, values)):
+            buf[at:end, :, :pad] = 0
+            buf[at:end, :, pad:width] = new
 
     def _owns(self, n: int, like: torch.Tensor) -> bool:
         """Whether ``keys``/``values`` are the first rows and ``n`` columns of our buffers,

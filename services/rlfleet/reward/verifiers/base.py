@@ -70,13 +70,12 @@ class Verifier(abc.ABC):
     def score(self, completion_text: str, entry: dict[str, Any]) -> float:
         """Reward in [0, 1] for ``completion_text`` (the text after the prompt)."""
 
-    def score_terms(self, completion_text: str, entry: dict[str, Any]) -> dict[str, float]:
-        """A combined verifier's score per term (``combine`` makes the reward of them);
-        a plain verifier has no terms."""
-        return {}
-
-    def combine(self, terms: dict[str, float]) -> float:
-        raise NotImplementedError
+    def score_with_terms(
+        self, completion_text: str, entry: dict[str, Any]
+    ) -> tuple[float, dict[str, float]]:
+        """The reward and, for a combined verifier, each term's own score (a plain
+        verifier has no terms)."""
+        return self.score(completion_text, entry), {}
 
 
 def require_answer(entry: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Verifiers combined with weights: reward = Σ weight × score, e.g. a format check at 0.1
 plus math-verify at 1.0. Each term's own score comes back beside the reward
-(``score_terms``), so the step record shows every term's mean, not only the sum.
+(``score_with_terms``), so the step record shows every term's mean, not only the sum.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ class WeightedVerifier(Verifier):
             except ValueError as exc:
                 raise ValueError(f"for term {name!r} {exc}") from None
 
-    def score_terms(self, completion_text: str, entry: dict[str, Any]) -> dict[str, float]:
-        return {name: float(v.score(completion_text, entry)) for name, _, v in self.terms}
-
-    def combine(self, terms: dict[str, float]) -> float:
-        return sum(weight * terms[name] for name, weight, _ in self.terms)
+    def score_with_terms(
+        self, completion_text: str, entry: dict[str, Any]
+    ) -> tuple[float, dict[str, float]]:
+        terms = {name: float(v.score(completion_text, entry)) for name, _, v in self.terms}
+        return sum(weight * terms[name] for name, weight, _ in self.terms), terms
 
     def score(self, completion_text: str, entry: dict[str, Any]) -> float:
-        return self.combine(self.score_terms(completion_text, entry))
+        return self.score_with_terms(completion_text, entry)[0]
