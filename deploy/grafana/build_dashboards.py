@@ -289,6 +289,11 @@ def overview() -> dict:
                 min_zero=True,
             ),
             panel(
+                "Eval (greedy reward and accuracy, pass@k)",
+                [q(f"rlfleet_eval_score{{{TJ}}}", f"{{{{{TRAINER_JOB}}}}} {{{{metric}}}}")],
+                decimals=3,
+            ),
+            panel(
                 "gRPC errors per second",
                 [
                     q(

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,37 +37,6 @@ def _job_spec(model_dir, steps: int) -> dict:
         "algorithm": {"group_size": 2, "prompts_per_step": 3, "lr": 1e-4},
         "steps": steps,
     }
-
-
-@pytest.fixture
-def fleet(tmp_path):
-    run_dir = tmp_path / "fleet"
-    proc = subprocess.Popen(
-        [*RLFLEET, "--run-dir", str(run_dir), "up", "--rollout-replicas", "2", "--http-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    fleet_file = run_dir / "fleet.json"
-    end = time.monotonic() + 180
-    while not fleet_file.exists():
-        if proc.poll() is not None or time.monotonic() > end:
-            out = proc.stdout.read().decode() if proc.poll() is not None else ""
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"rlfleet up did not come up:\n{out}")
-        time.sleep(0.2)
-    info = json.loads(fleet_file.read_text())
-    yield run_dir, info
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user would stop it
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    for name, pid in info["pids"].items():
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)  # every service is gone after Ctrl-C
-        assert name
 
 
 def test_job_runs_through_the_whole_fleet(fleet, tiny_model_dir, tmp_path):

@@ -209,6 +209,7 @@ def _job_spec(model_dir: Path) -> dict:
         "sampling": {"temperature": 1.0, "max_new_tokens": 6},
         "algorithm": {"group_size": 2, "prompts_per_step": 2, "lr": 1e-4},
         "checkpoint": {"every_steps": 1, "keep": 1},  # so the checkpoint panel has data
+        "eval": {"prompts": 2, "pass_k": 2},  # so the eval panel has data
         "steps": 2,
     }
 

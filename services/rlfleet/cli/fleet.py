@@ -112,6 +112,8 @@ class Fleet:
                     ws.address,
                     "--http-port",
                     str(opts.http_port),
+                    "--tracking-dir",
+                    str(run / "tracking"),
                     "--auth",
                     opts.auth,
                 ]

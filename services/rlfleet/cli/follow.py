@@ -16,6 +16,8 @@ from rlfleet_client import Job, RlfleetClient, StepRecord
 def _status(job: Job, steps: list[StepRecord]) -> str:
     if not steps:
         return job.state
+    if "reward_mean" not in steps[-1].metrics and "sft_loss" in steps[-1].metrics:
+        return f"sft loss {steps[-1].metrics['sft_loss']:.3f}  v{job.policy_version}  {job.state}"
     rewards = [s.metrics.get("reward_mean", 0.0) for s in steps]
     last5 = rewards[-5:]
     return (
@@ -78,35 +80,47 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pass_at_k_key(steps: list[StepRecord]) -> str | None:
+    for rec in reversed(steps):
+        for key in rec.metrics:
+            if key.startswith("eval_pass_at_"):
+                return key
+    return None
+
+
 def steps_table(steps: list[StepRecord], *, max_rows: int = 30) -> Table:
-    """The closing table: a row per step (thinned out for long jobs)."""
+    """The closing table: a row per step (thinned out for long jobs). SFT steps show their
+    loss, and evaluated steps (the job's ``eval`` block) their eval figures."""
     table = Table(title="steps")
-    for col in (
-        "step",
-        "reward",
-        "resp. len",
-        "step s",
-        "rollout s",
-        "train s",
-        "grad norm",
-        "masked ‰",
-    ):
-        table.add_column(col, justify="right")
+    columns: list[tuple[str, str, str]] = [("step", "", "")]
+    if any("sft_loss" in r.metrics for r in steps):
+        columns.append(("sft loss", "sft_loss", ".3f"))
+    if any("reward_mean" in r.metrics for r in steps):
+        columns.append(("reward", "reward_mean", ".3f"))
+    if any("eval_greedy_reward_mean" in r.metrics for r in steps):
+        columns.append(("eval greedy", "eval_greedy_reward_mean", ".3f"))
+    pass_key = _pass_at_k_key(steps)
+    if pass_key:
+        columns.append((f"eval pass@{pass_key.rsplit('_', 1)[1]}", pass_key, ".3f"))
+    columns += [
+        ("resp. len", "response_length_mean", ".1f"),
+        ("step s", "step_seconds", ".2f"),
+        ("rollout s", "rollout_seconds", ".2f"),
+        ("train s", "train_seconds", ".2f"),
+        ("grad norm", "grad_norm", ".3f"),
+        ("masked ‰", "masked_fraction", ".2f"),  # IcePop: tokens masked out of the loss
+    ]
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
     stride = max(1, -(-len(steps) // max_rows))
     for i, rec in enumerate(steps):
         if i % stride and i != len(steps) - 1:
             continue
-        m = rec.metrics
-        frac = m.get("masked_fraction")  # IcePop: tokens masked out of the loss
-        masked = None if frac is None else 1000 * frac
-        table.add_row(
-            str(rec.step),
-            _fmt(m.get("reward_mean"), ".3f"),
-            _fmt(m.get("response_length_mean"), ".1f"),
-            _fmt(m.get("step_seconds"), ".2f"),
-            _fmt(m.get("rollout_seconds"), ".2f"),
-            _fmt(m.get("train_seconds"), ".2f"),
-            _fmt(m.get("grad_norm"), ".3f"),
-            _fmt(masked, ".2f"),
-        )
+        row = [str(rec.step)]
+        for _, key, spec in columns[1:]:
+            value = rec.metrics.get(key)
+            if key == "masked_fraction" and value is not None:
+                value *= 1000
+            row.append(_fmt(value, spec))
+        table.add_row(*row)
     return table

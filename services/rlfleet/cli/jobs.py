@@ -103,9 +103,15 @@ def cmd_status(client: RlfleetClient, args, console: Console) -> None:
     )
     table.add_row("mode", str(job.spec.get("scheduling", {}).get("mode", "")))
     table.add_row("submitted", _age(job.created_at))
-    for key in ("reward_mean", "loss", "grad_norm", "step_seconds"):
+    for key in ("reward_mean", "sft_loss", "loss", "grad_norm", "step_seconds"):
         if key in job.summary:
             table.add_row(key, f"{job.summary[key]:.4g}")
+    evaluated = [r for r in client.steps(job.id) if "eval_greedy_reward_mean" in r.metrics]
+    if evaluated:  # the latest evaluation (the job's eval block)
+        last = evaluated[-1]
+        for key, value in sorted(last.metrics.items()):
+            if key.startswith("eval_") and key != "eval_seconds":
+                table.add_row(f"{key} (step {last.step})", f"{value:.4g}")
     console.print(table)
 
 

@@ -64,6 +64,8 @@ def _load(spec: DatasetSpec, split: str):
             return data
         if fmt == "hub":
             return datasets.load_dataset(path, split=split)
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise ValueError(f"task.dataset.path {spec.path!r} is empty: it holds no rows")
         if split != spec.split:
             raise ValueError(
                 f"task.dataset: a {fmt} file holds one split; use eval_fraction "
@@ -91,12 +93,28 @@ class DatasetEntries:
         else:
             data = _load(spec, spec.split)
             if spec.eval_fraction > 0:
-                halves = data.train_test_split(test_size=spec.eval_fraction, seed=seed)
+                held_out = round(len(data) * spec.eval_fraction)
+                if not 0 < held_out < len(data):
+                    raise ValueError(
+                        f"task.dataset.eval_fraction {spec.eval_fraction} of {len(data)} rows "
+                        f"leaves the {'eval' if held_out == 0 else 'train'} part of "
+                        f"{spec.path!r} with no rows"
+                    )
+                halves = data.train_test_split(test_size=held_out, seed=seed)
                 data = halves["test" if part == "eval" else "train"]
             elif part == "eval":
                 raise ValueError("task.dataset has no eval part: set eval_split or eval_fraction")
-        for field, column in (("prompt_column", spec.prompt_column),
-                              ("answer_column", spec.answer_column)):  # fmt: skip
+        columns = (
+            ("messages_column", spec.messages_column)
+            if spec.messages_column
+            else ("prompt_column", spec.prompt_column),
+            # A conversation dataset may carry no ground truth (SFT, reward models).
+            ("answer_column", "" if spec.messages_column else spec.answer_column),
+            ("completion_column", spec.completion_column),
+        )
+        for field, column in columns:
+            if not column:
+                continue
             if column not in data.column_names:
                 raise ValueError(
                     f"task.dataset.{field} {column!r} is not a column of {spec.path!r} "
@@ -111,6 +129,8 @@ class DatasetEntries:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = dict(self.rows[index])
+        if self.spec.messages_column:
+            return self._conversation(index, row)
         question, answer = row[self.spec.prompt_column], row[self.spec.answer_column]
         if not isinstance(question, str) or not question:
             raise ValueError(
@@ -125,3 +145,60 @@ class DatasetEntries:
                 )
             answer = found.group(1).strip()
         return {**row, "question": question, "answer": answer}
+
+    def _conversation(self, index: int, row: dict[str, Any]) -> dict[str, Any]:
+        """A messages row: ``prompt_messages`` (up to the last user turn) and ``question``
+        (that turn's text, for verifiers and reward-model templates)."""
+        messages = _messages(row[self.spec.messages_column], index, self.spec.messages_column)
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        if not prompt or prompt[-1]["role"] != "user":
+            raise ValueError(
+                f"task.dataset: row {index}'s {self.spec.messages_column!r} has no user turn "
+                "before its end (the prompt ends with the user's message)"
+            )
+        entry = {**row, "question": prompt[-1]["content"], "prompt_messages": prompt}
+        answer = row.get(self.spec.answer_column)
+        if answer is not None and self.spec.answer_regex:
+            found = re.search(self.spec.answer_regex, str(answer), re.MULTILINE)
+            answer = found.group(1).strip() if found else answer
+        if answer is not None:
+            entry["answer"] = answer
+        return entry
+
+    def completion(self, index: int) -> str:
+        """The SFT target of row ``index``: the completion column, a conversation's final
+        assistant turn, else the raw answer."""
+        if self.spec.messages_column and not self.spec.completion_column:
+            messages = _messages(self.rows[index][self.spec.messages_column], index,
+                                 self.spec.messages_column)  # fmt: skip
+            if messages[-1]["role"] != "assistant":
+                raise ValueError(
+                    f"task.dataset: row {index}'s {self.spec.messages_column!r} does not end "
+                    "with an assistant turn to learn (SFT)"
+                )
+            return messages[-1]["content"]
+        column = self.spec.completion_column or self.spec.answer_column
+        text = self.rows[index][column]
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"task.dataset: row {index} has no completion text in {column!r}")
+        return text
+
+
+def _messages(value: Any, index: int, column: str) -> list[dict[str, str]]:
+    """A row's conversation, checked: a non-empty list of {"role", "content"} strings."""
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"task.dataset: row {index}'s {column!r} is not a list of chat messages "
+            '({"role": ..., "content": ...})'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]

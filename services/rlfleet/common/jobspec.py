@@ -5,12 +5,15 @@ way wherever it enters. Bad values fail with a message that names the field.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-VERIFIERS = ("reasoning_gym", "math", "exact", "regex", "code")
+from rlfleet.common.tracking_spec import TrackingSpec
+
+VERIFIERS = ("reasoning_gym", "math", "exact", "regex", "code", "reward_model")
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -22,23 +25,52 @@ def is_model_dir(path: str | Path) -> bool:
         return False
 
 
+def check_sequence_classifier(path: str, *, field: str = "reward.reward_model.path") -> None:
+    """Raises ValueError, naming ``field``, unless ``path`` holds a sequence classifier.
+
+    Reads ``config.json`` only (no weights, no torch).
+    """
+    config_file = Path(path) / "config.json"
+    try:
+        text = config_file.read_text()
+    except (OSError, ValueError):
+        raise ValueError(
+            f"{field} {path!r} is not a Hugging Face model directory (no config.json)"
+        ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field} {path!r} has a config.json that is not JSON: {exc}") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    names = [a for a in architectures or [] if isinstance(a, str)]
+    if not any(name.endswith("ForSequenceClassification") for name in names):
+        what = f"a {', '.join(names)} model" if names else "a model of no named architecture"
+        raise ValueError(
+            f"{field} {path!r} holds {what}, not a sequence classifier "
+            "(AutoModelForSequenceClassification)"
+        )
+
+
 class _Spec(BaseModel):
     # No NaN/inf: a spec must survive a JSON round trip between services.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Spec):
-    path: str
+    path: str = ""
     """Directory of a Hugging Face-format causal LM (config.json, weights, tokenizer.json)."""
+    from_job: str = ""
+    """Start from another job's final checkpoint instead of ``path``: the id of a job that
+    succeeded. The scheduler resolves it at submission and records the checkpoint
+    directory in ``path``, so SFT -> RLVR -> RLHF is three submissions."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of the trainer's master weights."""
 
-    @field_validator("path")
-    @classmethod
-    def _non_empty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must name a model directory")
-        return v
+    @model_validator(mode="after")
+    def _names_a_model(self) -> ModelSpec:
+        if not self.path.strip() and not self.from_job.strip():
+            raise ValueError("model.path or model.from_job must name the model to start from")
+        return self
 
     def check_exists(self) -> None:
         """Raises ValueError unless the directory holds a Hugging Face model."""
@@ -58,8 +90,18 @@ class DatasetSpec(_Spec):
     """The split prompts come from (a file holds one split, "train")."""
     prompt_column: str = "question"
     """The column holding the prompt text; it fills ``{question}`` of the template."""
+    messages_column: str = ""
+    """A column of chat messages (``[{"role": ..., "content": ...}, ...]``) used instead of
+    ``prompt_column``: the conversation up to its last user turn is the prompt (needs
+    ``task.prompt_format = "chat"``); for SFT a final assistant turn is the completion.
+    The answer column is then optional (verifiers that compare with it need it)."""
     answer_column: str = "answer"
     """The ground truth the verifier compares with; every other column travels too."""
+    completion_column: str = ""
+    """SFT (``algorithm.kind = "sft"``): the column holding the target completion; empty:
+    the answer column as it is (before ``answer_regex``). It is tokenised on its own and
+    followed by the end-of-sequence token, so start it with a space when the prompt
+    template ends without one."""
     answer_regex: str = ""
     """A regex searched in the answer column (multi-line) whose first group is the ground
     truth, for answers that carry a worked solution: GSM8K's is ``####\\s*(.+)$``."""
@@ -127,6 +169,18 @@ class TaskSpec(_Spec):
         return v
 
     @model_validator(mode="after")
+    def _messages_are_chat(self) -> TaskSpec:
+        if (
+            self.dataset is not None
+            and self.dataset.messages_column
+            and (self.prompt_format != "chat")
+        ):
+            raise ValueError(
+                "task.dataset.messages_column holds conversations: set task.prompt_format = 'chat'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _dataset_needs_its_block(self) -> TaskSpec:
         if self.kind == "dataset" and self.dataset is None:
             raise ValueError("task.dataset is required when task.kind is 'dataset'")
@@ -142,7 +196,7 @@ class TaskSpec(_Spec):
         return v
 
 
-VerifierKind = Literal["reasoning_gym", "math", "exact", "regex", "code"]
+VerifierKind = Literal["reasoning_gym", "math", "exact", "regex", "code", "reward_model"]
 
 
 class RewardTerm(_Spec):
@@ -158,12 +212,15 @@ class RewardSpec(_Spec):
     verifier: Literal[VerifierKind, "weighted"] = "reasoning_gym"
     """reasoning_gym: the task's own scorer; math: math-verify; exact / regex: string match;
     code: run the completion's program against the entry's tests in a sandbox;
+    reward_model: a sequence-classification reward model's score (settings in ``reward_model``);
     weighted: Σ weight × score over ``terms``."""
     pattern: str = ""
     """For regex: a pattern that a correct completion matches (fullmatch after strip)."""
     terms: list[RewardTerm] = Field(default_factory=list)
     """weighted: the verifiers and their weights, e.g. a format regex at 0.1 and math at 1.0.
     Each term's mean score is a step metric beside reward_mean."""
+    reward_model: dict[str, Any] = Field(default_factory=dict)
+    """reward_model: the verifier's settings (path, template, normalize, ...)."""
 
     @model_validator(mode="after")
     def _terms_only_when_weighted(self) -> RewardSpec:
@@ -190,6 +247,16 @@ class RewardSpec(_Spec):
                 raise ValueError(f"reward.pattern is not a valid regex: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _reward_model_needs_path(self) -> RewardSpec:
+        if self.verifier == "reward_model":
+            path = self.reward_model.get("path")
+            if not isinstance(path, str) or not path.strip():
+                raise ValueError(
+                    "reward.reward_model.path is required when reward.verifier is 'reward_model'"
+                )
+        return self
+
 
 class SamplingSpec(_Spec):
     temperature: float = Field(default=1.0, ge=0.0, le=5.0)
@@ -201,12 +268,14 @@ class SamplingSpec(_Spec):
 
 
 class AlgorithmSpec(_Spec):
-    kind: Literal["grpo"] = "grpo"
-    """Advantage estimator: GRPO (group-normalised rewards)."""
+    kind: Literal["grpo", "sft"] = "grpo"
+    """grpo: RL with group-normalised rewards (GRPO advantages, PPO/IcePop loss).
+    sft: supervised fine-tuning on the dataset's (prompt, completion) pairs, loss on the
+    completion tokens only; no rollouts, no reward."""
     group_size: int = Field(default=8, ge=2, le=1024)
-    """Samples per prompt."""
+    """Samples per prompt (grpo)."""
     prompts_per_step: int = Field(default=16, ge=1, le=100_000)
-    """Prompts per training step (Ring-1T: 480)."""
+    """Prompts per training step (Ring-1T: 480); sft: examples per step."""
     lr: float = Field(default=1e-5, gt=0.0, le=1.0)
     """AdamW learning rate (Ring-1T: 2e-6)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -286,6 +355,18 @@ class CheckpointSpec(_Spec):
     """Most recent checkpoints to keep."""
 
 
+class EvalSpec(_Spec):
+    every_steps: int = Field(default=0, ge=0)
+    """Evaluate after every N-th step, and always after the last (0: only after the last)."""
+    prompts: int = Field(default=64, ge=1, le=100_000)
+    """Prompts evaluated: the first N of the eval part (a dataset's eval split or held-out
+    fraction; reasoning-gym: a second dataset drawn with seed ``task.seed + 1``)."""
+    pass_k: int = Field(default=4, ge=1, le=256)
+    """Samples per prompt at the job's sampling temperature for pass@k; 1: greedy only."""
+    correct_at: float = Field(default=1.0, allow_inf_nan=False)
+    """A sample counts as correct when its reward is at least this."""
+
+
 class ResourcesSpec(_Spec):
     rollout_replicas: int = Field(default=0, ge=0)
     """Rollout replicas to use (0: every registered replica)."""
@@ -303,6 +384,10 @@ class JobSpec(_Spec):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    """Experiment trackers of the step metrics: TensorBoard, MLflow, W&B (with its key)."""
+    eval: EvalSpec | None = None
+    """Evaluation during training (greedy and pass@k with the job's verifier); none: off."""
     steps: int = Field(default=20, ge=1, le=1_000_000)
     """Training steps (policy versions) to run."""
     seed: int = 0
@@ -311,10 +396,44 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _dataset_needs_a_verifier_of_its_own(self) -> JobSpec:
         kinds = {self.reward.verifier, *(t.verifier for t in self.reward.terms)}
-        if self.task.kind == "dataset" and "reasoning_gym" in kinds:
+        scored = self.algorithm.kind != "sft" or self.eval is not None
+        if self.task.kind == "dataset" and "reasoning_gym" in kinds and scored:
             raise ValueError(
                 "reward.verifier 'reasoning_gym' scores reasoning-gym tasks only; for "
                 "task.kind 'dataset' choose math, exact, regex or code"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sft_runs_alone(self) -> JobSpec:
+        if self.algorithm.kind == "sft" and self.task.kind != "dataset":
+            raise ValueError(
+                "algorithm.kind 'sft' trains on (prompt, completion) rows of the user's data: "
+                "set task.kind = 'dataset'"
+            )
+        if self.algorithm.kind == "sft" and self.scheduling.mode != "sync":
+            raise ValueError(
+                "algorithm.kind 'sft' trains on the dataset's completions without rollouts; "
+                "scheduling.mode must be 'sync'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_needs_an_idle_pool(self) -> JobSpec:
+        if self.eval is not None and self.scheduling.overlap:
+            raise ValueError(
+                "eval runs between steps on idle replicas; scheduling.overlap keeps them "
+                "generating, so the two cannot be combined yet"
+            )
+        data = self.task.dataset
+        if (
+            self.eval is not None
+            and data is not None
+            and not (data.eval_split or data.eval_fraction)
+        ):
+            raise ValueError(
+                "eval needs an eval part of the dataset: set task.dataset.eval_split or "
+                "task.dataset.eval_fraction"
             )
         return self
 
@@ -330,4 +449,6 @@ class JobSpec(_Spec):
 
     @property
     def samples_per_step(self) -> int:
+        if self.algorithm.kind == "sft":
+            return self.algorithm.prompts_per_step
         return self.algorithm.prompts_per_step * self.algorithm.group_size

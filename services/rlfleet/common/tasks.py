@@ -25,25 +25,35 @@ class PromptSource:
     (``dataset_task.DatasetEntries``); both are indexable sequences of dicts with a
     ``question``, which the prompt template formats."""
 
-    def __init__(self, spec: TaskSpec):
+    def __init__(self, spec: TaskSpec, *, part: str = "train"):
         self.spec = spec
         if spec.kind == "dataset":
             from rlfleet.common.dataset_task import DatasetEntries
 
-            self.dataset = DatasetEntries(spec.dataset, seed=spec.seed)
+            self.dataset = DatasetEntries(spec.dataset, seed=spec.seed, part=part)
         else:
             import reasoning_gym
 
+            # The eval part of a procedural task is a second draw with the next seed.
+            seed = spec.seed + (1 if part == "eval" else 0)
             self.dataset = reasoning_gym.create_dataset(
-                spec.name, size=spec.size, seed=spec.seed, **spec.params
+                spec.name, size=spec.size, seed=seed, **spec.params
             )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def get(self, index: int) -> tuple[str, dict[str, Any]]:
+    def get(self, index: int) -> tuple[str | list[dict[str, str]], dict[str, Any]]:
+        """The prompt (the formatted text; for a conversation dataset its messages) and
+        the task entry."""
         entry = self.dataset[index % len(self.dataset)]
+        if "prompt_messages" in entry:
+            return entry["prompt_messages"], entry
         return self.spec.prompt_template.format(question=entry["question"]), entry
+
+    def completion(self, index: int) -> str:
+        """SFT: the target completion of prompt ``index`` (datasets only)."""
+        return self.dataset.completion(index % len(self.dataset))
 
 
 def entry_to_json(entry: dict[str, Any]) -> str:

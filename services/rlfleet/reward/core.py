@@ -5,6 +5,9 @@ Why it is shaped this way
   independent per sample, and math-verify / sympy calls can be slow.
 - A verifier that raises on one sample costs that sample (reward 0, logged and
   counted), never the batch: one odd completion must not stall a training step.
+- A ``batched`` verifier (a reward model) is the exception: it scores the whole
+  request in one call on one pool thread, under the same deadline, and a raise or
+  a timeout costs every sample of that request (all score 0, logged and counted).
 - Everything a caller can get wrong (verifier name, its settings, task JSON,
   ids) is checked before anything is scored or written, and refused as
   InvalidArgument naming the field.
@@ -96,10 +99,18 @@ def _own_settings(kind: str, config: dict[str, Any]) -> dict[str, Any]:
         raise InvalidArgument(
             f"verifier_config_json names verifier {named!r} but the request's verifier is {kind!r}"
         )
+    # A reward model's settings sit in RewardSpec.reward_model; a shared ``extract``
+    # applies unless they set their own.
+    nested = config.get("reward_model") if kind == "reward_model" else None
+    if nested is not None and not isinstance(nested, dict):
+        raise InvalidArgument("verifier_config_json: reward_model must be a JSON object")
     own = VERIFIERS[kind].config_model.model_fields
     for key in RewardSpec.model_fields:
         if key not in own:
             config.pop(key, None)
+    if nested is not None:
+        config.pop("reward_model", None)
+        config.update(nested)
     return config
 
 
@@ -216,6 +227,8 @@ class RewardCore:
         self, checker: Verifier, samples: list[Sample], entries: list[dict[str, Any]]
     ) -> list[tuple[float, dict[str, float]]]:
         """(reward, score per term) per sample; a late or failed sample scores 0."""
+        if checker.batched:
+            return self._score_batched(checker, samples, entries)
         pending = [
             self._pool.submit(self._score_one, checker, s, e)
             for s, e in zip(samples, entries, strict=True)
@@ -232,6 +245,45 @@ class RewardCore:
             for f in late:
                 f.cancel()
         return [f.result() if f in done else (0.0, {}) for f in pending]
+
+    def _score_batched(
+        self, checker: Verifier, samples: list[Sample], entries: list[dict[str, Any]]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """One call for the whole batch; a raise or the deadline costs every sample."""
+        if not samples:
+            return []
+        failed: list[tuple[float, dict[str, float]]] = [(0.0, {}) for _ in samples]
+        texts = [s.completion_text for s in samples]
+        pending = self._pool.submit(checker.score_batch_with_terms, texts, entries)
+        done, _ = futures.wait([pending], timeout=self.score_timeout_s)
+        if not done:
+            VERIFIER_ERRORS.labels(checker.kind, "timeout").inc(len(samples))
+            logger.warning(
+                "verifier ran past the deadline; every sample of the batch scores 0",
+                extra={"verifier": checker.kind, "late": len(samples)},
+            )
+            pending.cancel()
+            return failed
+        try:
+            scored = [(float(reward), terms) for reward, terms in pending.result()]
+            if len(scored) != len(samples):
+                raise ValueError(f"gave {len(scored)} scores for {len(samples)} samples")
+        except Exception:  # noqa: BLE001 - a failed batch scores 0, the call goes on
+            VERIFIER_ERRORS.labels(checker.kind, "exception").inc(len(samples))
+            logger.warning(
+                "verifier raised; every sample of the batch scores 0",
+                exc_info=True,
+                extra={"verifier": checker.kind, "samples": len(samples)},
+            )
+            return failed
+        out = []
+        for reward, terms in scored:
+            if math.isfinite(reward):
+                out.append((reward, terms))
+            else:
+                VERIFIER_ERRORS.labels(checker.kind, "not_finite").inc()
+                out.append((0.0, {}))
+        return out
 
     @staticmethod
     def _score_one(
@@ -252,6 +304,19 @@ class RewardCore:
             VERIFIER_ERRORS.labels(checker.kind, "not_finite").inc()
             return 0.0, {}
         return reward, terms
+
+    def write(self, *, job_id: str, samples: list[Sample]) -> int:
+        """Appends samples unscored (an SFT job's demonstrations); returns how many were new."""
+        if self.buffer is None:
+            raise FailedPrecondition("this reward service has no experience buffer configured")
+        _check_writable(job_id, samples)
+        out = []
+        for s in samples:
+            copy = Sample()
+            copy.CopyFrom(s)
+            copy.job_id = job_id
+            out.append(copy)
+        return self._append(job_id, out) if out else 0
 
     def _append(self, job_id: str, scored: list[Sample]) -> int:
         assert self.buffer is not None

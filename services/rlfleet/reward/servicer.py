@@ -25,3 +25,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 name: reward_pb2.TermScores(scores=scores) for name, scores in result.terms.items()
             },
         )
+
+    def Write(self, request: reward_pb2.WriteRequest, context) -> reward_pb2.WriteResponse:
+        return reward_pb2.WriteResponse(
+            written=self.core.write(job_id=request.job_id, samples=list(request.samples))
+        )

@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         max_message_mb=cfg.max_message_mb,
     )
     runner = JobRunner(
-        store=store, pool=pool, clients=clients, score_batch_size=cfg.score_batch_size
+        store=store,
+        pool=pool,
+        clients=clients,
+        score_batch_size=cfg.score_batch_size,
+        tracking_dir=cfg.tracking_dir,
+        mlflow_tracking_uri=cfg.mlflow_tracking_uri,
     )
     core = SchedulerCore(store=store, runner=runner, poll_interval_s=cfg.poll_interval_s)
 

@@ -30,12 +30,18 @@ def _chat_tokenizer(model_path: str):
     return tokenizer
 
 
-def chat_messages(user_text: str, system_prompt: str) -> list[dict[str, str]]:
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*system, {"role": "user", "content": user_text}]
+def chat_messages(prompt: str | list[dict[str, str]], system_prompt: str) -> list[dict[str, str]]:
+    """The conversation of a prompt: the user turn of a formatted text, or a dataset's
+    messages; ``system_prompt`` goes first unless the messages bring their own."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    return turns
 
 
-def chat_prompt_ids(model_path: str, user_text: str, system_prompt: str = "") -> list[int]:
+def chat_prompt_ids(
+    model_path: str, user_text: str | list[dict[str, str]], system_prompt: str = ""
+) -> list[int]:
     """Token ids of the conversation [system?, user] with the assistant's turn opened."""
     tokenizer = _chat_tokenizer(model_path)
     encoded = tokenizer.apply_chat_template(
@@ -43,3 +49,24 @@ def chat_prompt_ids(model_path: str, user_text: str, system_prompt: str = "") ->
     )
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(i) for i in ids]
+
+
+def chat_completion_ids(
+    model_path: str, user_text: str | list[dict[str, str]], completion: str, system_prompt: str = ""
+) -> list[int]:
+    """SFT: the tokens the chat template puts after the open assistant turn for the reply
+    ``completion`` (the reply and the template's own end of turn)."""
+    tokenizer = _chat_tokenizer(model_path)
+    prompt = chat_prompt_ids(model_path, user_text, system_prompt)
+    messages = [
+        *chat_messages(user_text, system_prompt),
+        {"role": "assistant", "content": completion},
+    ]
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True)
+    full = [int(i) for i in (encoded["input_ids"] if hasattr(encoded, "keys") else encoded)]
+    if full[: len(prompt)] != prompt:
+        raise InvalidArgument(
+            f"the chat template of {model_path!r} renders a conversation whose start differs "
+            "from its generation prompt, so the assistant's tokens cannot be told apart"
+        )
+    return full[len(prompt) :]

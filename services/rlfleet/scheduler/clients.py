@@ -82,6 +82,7 @@ class ServiceClients:
         *,
         verifier: str,
         verifier_config_json: str,
+        write_to_buffer: bool = True,
     ) -> reward_pb2.ScoreResponse:
         # Safe to retry: the buffer writes each sample_id at most once.
         return self._call(
@@ -93,8 +94,18 @@ class ServiceClients:
                 verifier=verifier,
                 verifier_config_json=verifier_config_json,
                 samples=samples,
-                write_to_buffer=True,
+                write_to_buffer=write_to_buffer,
             ),
+            timeout=self.timeouts.score,
+        )
+
+    def write(self, job_id: str, samples: list[common_pb2.Sample]) -> reward_pb2.WriteResponse:
+        # Safe to retry: the buffer writes each sample_id at most once.
+        return self._call(
+            "reward",
+            f"Write({len(samples)} samples)",
+            self.reward.Write,
+            reward_pb2.WriteRequest(job_id=job_id, samples=samples),
             timeout=self.timeouts.score,
         )
 

@@ -71,6 +71,13 @@ class SchedulerConfig(ServiceConfig):
     """Largest REST request body accepted; a bigger one gets 413."""
     events_poll_s: float = Field(default=0.5, gt=0, le=30)
     """How often an open event stream (GET /v1/jobs/{id}/events) looks for new steps."""
+    tracking_dir: str = "runs/tracking"
+    """Where experiment tracking writes: TensorBoard event files (<dir>/tensorboard/<job_id>/)
+    and the default MLflow file store (<dir>/mlruns); relative to the working directory."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking server of every job (e.g. http://mlflow:5000); empty: the local file
+    store under tracking_dir. An operator setting: a job can turn MLflow off, not point it
+    elsewhere."""
 
     @model_validator(mode="after")
     def _addresses_given(self) -> SchedulerConfig:

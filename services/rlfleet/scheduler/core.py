@@ -14,8 +14,8 @@ import threading
 import redis
 from pydantic import ValidationError
 
-from rlfleet.common.errors import FailedPrecondition, InvalidArgument, RlfleetError
-from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound, RlfleetError
+from rlfleet.common.jobspec import JobSpec, check_sequence_classifier
 from rlfleet.scheduler import metrics
 from rlfleet.scheduler.jobs import Interrupted, Job, JobState, StepRecord, parse_state
 from rlfleet.scheduler.loop import JobRunner
@@ -38,23 +38,69 @@ def describe_spec_error(exc: ValidationError) -> str:
     return "invalid job spec: " + "; ".join(parts)
 
 
-def validate_spec(spec_json: str) -> JobSpec:
-    """The parsed spec, or InvalidArgument naming what is wrong with it."""
+def validate_spec(spec_json: str, *, store: JobStore | None = None) -> JobSpec:
+    """The parsed spec, or InvalidArgument naming what is wrong with it.
+
+    ``model.from_job`` is resolved against ``store`` into ``model.path`` (the named
+    job's final checkpoint); without a store it cannot be, and is refused."""
     if not spec_json.strip():
         raise InvalidArgument("spec_json is empty; send a JobSpec as JSON")
     try:
         spec = JobSpec.model_validate_json(spec_json)
     except ValidationError as exc:
         raise InvalidArgument(describe_spec_error(exc)) from None
+    if spec.model.from_job:
+        spec.model.path = _final_checkpoint(spec, store)
     try:
         spec.model.check_exists()
         check_mode(spec.scheduling.mode)
+        _check_reward_models(spec)
     except ValueError as exc:
         raise InvalidArgument(f"invalid job spec: {exc}") from None
     codec = load_codec(spec.model.path)  # InvalidArgument without a tokenizer.json
     prompt = _check_task(spec)
     codec.prompt_ids(prompt, spec.task)  # chat: InvalidArgument without a chat template
     return spec
+
+
+def _check_reward_models(spec: JobSpec) -> None:
+    """Every reward-model directory the job names holds a sequence classifier (reads
+    config.json only: the scheduler never loads the model)."""
+    reward = spec.reward
+    if reward.verifier == "reward_model":
+        check_sequence_classifier(str(reward.reward_model.get("path", "")))
+    for i, term in enumerate(reward.terms):
+        if term.verifier == "reward_model":
+            field = f"reward.terms[{i}].settings.path"
+            check_sequence_classifier(str(term.settings.get("path", "")), field=field)
+
+
+def _final_checkpoint(spec: JobSpec, store: JobStore | None) -> str:
+    """The directory of the final checkpoint of ``model.from_job``."""
+    source = spec.model.from_job
+    if spec.model.path:
+        raise InvalidArgument("invalid job spec: model: set model.path or model.from_job, not both")
+    if store is None:
+        raise InvalidArgument("invalid job spec: model.from_job needs the scheduler's job store")
+    try:
+        job = store.get(source)
+    except NotFound:
+        raise InvalidArgument(
+            f"invalid job spec: model.from_job {source!r} is not a known job"
+        ) from None
+    if job.state != JobState.SUCCEEDED:
+        raise InvalidArgument(
+            f"invalid job spec: model.from_job {source!r} is {job.state.value}; a job starts "
+            "from another's final checkpoint once that job has succeeded"
+        )
+    from rlfleet.trainer.state import TrainerStore
+
+    result = TrainerStore(store.r).get_result(source, job.total_steps - 1)
+    if result is None or not result.checkpoint_path:
+        raise InvalidArgument(
+            f"invalid job spec: model.from_job {source!r} has no final checkpoint recorded"
+        )
+    return result.checkpoint_path
 
 
 def _check_task(spec: JobSpec) -> str:
@@ -99,7 +145,7 @@ class SchedulerCore:
                 f"idempotency_key is {len(idempotency_key)} characters long; "
                 f"at most {MAX_IDEMPOTENCY_KEY} are allowed"
             )
-        spec = validate_spec(spec_json)
+        spec = validate_spec(spec_json, store=self.store)
         job, created = self.store.create(
             spec_json=spec.model_dump_json(),
             total_steps=spec.steps,

@@ -22,11 +22,13 @@ from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.tasks import PromptSource
 from rlfleet.scheduler import metrics
 from rlfleet.scheduler.clients import ServiceClients
+from rlfleet.scheduler.evaluation import Evaluator
 from rlfleet.scheduler.jobs import Interrupted, Job, JobState
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import load_codec
 from rlfleet.scheduler.store import JobStore
 from rlfleet.scheduler.strategy import RolloutStrategy, StepContext, setup_strategy
+from rlfleet.scheduler.tracking import Tracker, open_trackers
 from rlfleet.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,15 @@ class JobRunner:
         pool: ReplicaPool,
         clients: ServiceClients,
         score_batch_size: int = 256,
+        tracking_dir: str = "runs/tracking",
+        mlflow_tracking_uri: str = "",
     ):
         self.store = store
         self.pool = pool
         self.clients = clients
         self.score_batch_size = score_batch_size
+        self.tracking_dir = tracking_dir
+        self.mlflow_tracking_uri = mlflow_tracking_uri
 
     def run(self, job_id: str, stop: threading.Event) -> Job:
         """Runs a running job from its recorded step to the end and marks it succeeded.
@@ -69,6 +75,7 @@ class JobRunner:
         spec = JobSpec.model_validate_json(job.spec_json)
         strategy = setup_strategy(
             spec.scheduling.mode,
+            algorithm=spec.algorithm.kind,
             pool=self.pool,
             redis_client=self.store.r,
             prefix=self.store.prefix,
@@ -78,21 +85,44 @@ class JobRunner:
             return self.store.transition(job_id, JobState.SUCCEEDED)
         codec = load_codec(spec.model.path)
         prompts = PromptSource(spec.task)
+        evaluator = None
+        if spec.eval is not None:
+            evaluator = Evaluator(
+                spec=spec,
+                pool=self.pool,
+                clients=self.clients,
+                codec=codec,
+                score_batch_size=self.score_batch_size,
+            )
+        tracker = open_trackers(
+            job_id=job_id,
+            job_name=spec.name,
+            spec=spec.tracking,
+            root=self.tracking_dir,
+            mlflow_uri=self.mlflow_tracking_uri,
+        )
         try:
             version = self._init(job, spec)
             for step in range(job.current_step, spec.steps):
                 self._check(job_id, stop)
                 ctx = StepContext(job_id, spec, step, version, codec, prompts, stop)
-                version = self._step(ctx, strategy)
+                version = self._step(ctx, strategy, evaluator, tracker)
         except (Interrupted, RlfleetError) as exc:
             # A failed or cancelled job is never resumed: drop what the strategy kept
             # for it. One stopped by a shutdown stays running and keeps it.
             strategy.pause(job_id)
+            outcome = None
             with contextlib.suppress(Exception):
                 if isinstance(exc, RlfleetError) or self.store.get(job_id).terminal:
                     strategy.finish(job_id)
+                    outcome = "failed" if isinstance(exc, RlfleetError) else "cancelled"
+            tracker.close(outcome=outcome)
+            raise
+        except BaseException:
+            tracker.close(outcome=None)
             raise
         strategy.finish(job_id)
+        tracker.close(outcome="succeeded")
         return self.store.transition(job_id, JobState.SUCCEEDED)
 
     def _check(self, job_id: str, stop: threading.Event) -> None:
@@ -131,7 +161,13 @@ class JobRunner:
         )
         return reply.version
 
-    def _step(self, ctx: StepContext, strategy: RolloutStrategy) -> int:
+    def _step(
+        self,
+        ctx: StepContext,
+        strategy: RolloutStrategy,
+        evaluator: Evaluator | None,
+        tracker: Tracker,
+    ) -> int:
         job_id, spec, step = ctx.job_id, ctx.spec, ctx.step
         timings: dict[str, float] = {}
         limit = spec.resources.rollout_replicas
@@ -145,7 +181,10 @@ class JobRunner:
                 rollout = strategy.rollout(ctx)
             self._check(job_id, ctx.stop)
             with _phase("reward", timings):
-                rewards, written, terms = self._score(job_id, spec, rollout.samples)
+                if spec.algorithm.kind == "sft":  # demonstrations: written unscored
+                    rewards, written, terms = None, self._write(job_id, rollout.samples), {}
+                else:
+                    rewards, written, terms = self._score(job_id, spec, rollout.samples)
             self._check(job_id, ctx.stop)
             with _phase("train", timings):
                 trained = self.clients.train_step(job_id, step, len(rollout.samples))
@@ -153,33 +192,44 @@ class JobRunner:
                 self.pool.ensure_version(
                     job_id=job_id, version=trained.version, model_path=spec.model.path, limit=limit
                 )
-        mean = sum(rewards) / len(rewards) if rewards else 0.0
+            evaluated = {}
+            if evaluator is not None and evaluator.due(step):
+                self._check(job_id, ctx.stop)
+                with _phase("eval", timings):
+                    evaluated = evaluator.run(
+                        job_id=job_id, step=step, version=trained.version, stop=ctx.stop
+                    )
         step_metrics = {
             **dict(trained.metrics),
             **rollout.metrics,
             **timings,
-            "reward_mean": mean,
-            "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
-            if rewards
-            else 0.0,
-            **{f"reward_{name}_mean": sum(v) / len(v) for name, v in terms.items() if v},
+            **(_reward_metrics(rewards, terms) if rewards is not None else {}),
+            **evaluated,
             "samples": float(len(rollout.samples)),
             "samples_written": float(written),
             "samples_trained": float(trained.samples_trained),
             "policy_version": float(trained.version),
         }
         self.store.record_step(job_id, step, step_metrics, policy_version=trained.version)
+        tracker.log_step(step, step_metrics)
         metrics.STEPS_COMPLETED.inc()
         logger.info(
             "job %s step %d done: reward %.3f, version %d, %.2fs",
             job_id,
             step,
-            mean,
+            step_metrics.get("reward_mean", 0.0),
             trained.version,
             timings["step_seconds"],
             extra={"job_id": job_id, "step": step},
         )
         return trained.version
+
+    def _write(self, job_id: str, samples: list[common_pb2.Sample]) -> int:
+        """SFT: has reward append the demonstrations unscored; returns the samples written."""
+        written = 0
+        for i in range(0, len(samples), self.score_batch_size):
+            written += self.clients.write(job_id, samples[i : i + self.score_batch_size]).written
+        return written
 
     def _score(
         self, job_id: str, spec: JobSpec, samples: list[common_pb2.Sample]
@@ -206,3 +256,14 @@ class JobRunner:
             for name, term in reply.terms.items():
                 terms.setdefault(name, []).extend(term.scores)
         return rewards, written, terms
+
+
+def _reward_metrics(rewards: list[float], terms: dict[str, list[float]]) -> dict[str, float]:
+    """The step record's reward figures: mean, std and (combined verifiers) each term's mean."""
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)) if rewards else 0.0
+    return {
+        "reward_mean": mean,
+        "reward_std": std,
+        **{f"reward_{name}_mean": sum(v) / len(v) for name, v in terms.items() if v},
+    }

@@ -31,7 +31,7 @@ class TextCodec:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def prompt_ids(self, text: str, task: TaskSpec) -> list[int]:
+    def prompt_ids(self, text: str | list[dict[str, str]], task: TaskSpec) -> list[int]:
         """The prompt tokens of a task's formatted prompt: the text itself, or (chat) the
         conversation the model's chat template makes of it (``chat.py``)."""
         if task.prompt_format == "chat":
@@ -39,6 +39,22 @@ class TextCodec:
 
             return chat_prompt_ids(self.model_path, text, task.system_prompt)
         return self.encode(text)
+
+    def completion_ids(
+        self, prompt_text: str | list[dict[str, str]], completion: str, task: TaskSpec
+    ) -> list[int]:
+        """SFT: the target tokens after the prompt. Template prompts: the completion
+        tokenised on its own, then the end-of-sequence token. Chat prompts: the assistant
+        turn as the chat template closes it (``chat.py``)."""
+        if task.prompt_format == "chat":
+            from rlfleet.scheduler.chat import chat_completion_ids
+
+            return chat_completion_ids(self.model_path, prompt_text, completion, task.system_prompt)
+        if not self.eos_ids:
+            raise InvalidArgument(
+                f"model {self.model_path!r} names no end-of-sequence token; SFT targets end with one"
+            )
+        return [*self.encode(completion), min(self.eos_ids)]
 
     def completion_text(self, token_ids: list[int]) -> str:
         """The completion up to (not including) its first end-of-sequence token."""

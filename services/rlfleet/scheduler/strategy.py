@@ -142,15 +142,22 @@ def check_mode(mode: str) -> None:
 def setup_strategy(
     mode: str,
     *,
+    algorithm: str = "grpo",
     pool: ReplicaPool,
     redis_client: redis.Redis | None = None,
     prefix: str = "rlfleet",
 ) -> RolloutStrategy:
     """Factory: the rollout strategy for ``spec.scheduling.mode``.
 
-    C3PO++ keeps its pool in Redis (``redis_client``) so a restart resumes it.
+    C3PO++ keeps its pool in Redis (``redis_client``) so a restart resumes it. An SFT
+    job (``algorithm = "sft"``) has no rollouts: its steps are the dataset's
+    demonstrations (``sft.py``).
     """
     check_mode(mode)
+    if algorithm == "sft":
+        from rlfleet.scheduler.sft import SftStrategy
+
+        return SftStrategy(pool)
     if mode == "c3po":
         if redis_client is None:
             raise ValueError("C3PO++ (scheduling.mode 'c3po') keeps its rollout pool in Redis")

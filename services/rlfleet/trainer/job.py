@@ -42,6 +42,7 @@ from rlfleet.trainer.losses import (
     train_inference_ratio,
 )
 from rlfleet.trainer.publish import WeightPublisher
+from rlfleet.trainer.sft import sft_update
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,17 @@ class JobTrainer:
         entries = self._take(num_samples, step=step)
         vocab = self.model.get_input_embeddings().num_embeddings
         samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
-        metrics = self._optimise(samples)
+        if self.spec.algorithm.kind == "sft":
+            metrics = sft_update(
+                self.model,
+                self.optimizer,
+                samples,
+                alg=self.spec.algorithm,
+                device=self.device,
+                pad_id=_pad_id(self.model),
+            )
+        else:
+            metrics = self._optimise(samples)
         self.version, self.last_step = step + 1, step
         metrics["trainer_step_seconds"] = time.perf_counter() - start
         result = StepResult(
@@ -312,7 +323,7 @@ class JobTrainer:
 
     # ------------------------------------------------------------------ optimisation
     def _optimise(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One optimizer step over the step's samples; returns the step metrics."""
+        """One GRPO optimizer step over the step's samples; returns the step metrics."""
         spec, alg, corr = self.spec, self.spec.algorithm, self.spec.correction
         model, dev = self.model, self.device
         temperature = spec.sampling.temperature or 1.0  # greedy sampling: log-probs at T = 1

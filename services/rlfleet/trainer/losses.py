@@ -274,3 +274,13 @@ def mismatch_metrics(
         "k_mean": float(k.mean()),
         "masked_entropy": masked_entropy,
     }
+
+
+# --------------------------------------------------------------------------- SFT
+def sft_nll_sum(logp: Tensor, valid: Tensor) -> Tensor:
+    """Σ_i Σ_t −log π(y_i,t | x_i, y_i,<t) over the completion tokens of a micro-batch.
+
+    Divided by the step's completion-token count by the caller (a token mean over the
+    whole step), so gradients accumulated over micro-batches equal the step's.
+    """
+    return -(logp * valid).sum()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlfleet.v1 import common_pb2 as rlfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlfleet/v1/reward.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"\x8c\x01\n\x0cScoreRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08verifier\x18\x02 \x01(\t\x12\x1c\n\x14verifier_config_json\x18\x03 \x01(\t\x12#\n\x07samples\x18\x04 \x03(\x0b\x32\x12.rlfleet.v1.Sample\x12\x17\n\x0fwrite_to_buffer\x18\x05 \x01(\x08\"\xac\x01\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x01\x12\x0f\n\x07written\x18\x02 \x01(\x05\x12\x33\n\x05terms\x18\x03 \x03(\x0b\x32$.rlfleet.v1.ScoreResponse.TermsEntry\x1a\x44\n\nTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.rlfleet.v1.TermScores:\x02\x38\x01\"\x1c\n\nTermScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x32M\n\rRewardService\x12<\n\x05Score\x12\x18.rlfleet.v1.ScoreRequest\x1a\x19.rlfleet.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlfleet/v1/reward.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"\x8c\x01\n\x0cScoreRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08verifier\x18\x02 \x01(\t\x12\x1c\n\x14verifier_config_json\x18\x03 \x01(\t\x12#\n\x07samples\x18\x04 \x03(\x0b\x32\x12.rlfleet.v1.Sample\x12\x17\n\x0fwrite_to_buffer\x18\x05 \x01(\x08\"\xac\x01\n\rScoreResponse\x12\x0f\n\x07rewards\x18\x01 \x03(\x01\x12\x0f\n\x07written\x18\x02 \x01(\x05\x12\x33\n\x05terms\x18\x03 \x03(\x0b\x32$.rlfleet.v1.ScoreResponse.TermsEntry\x1a\x44\n\nTermsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.rlfleet.v1.TermScores:\x02\x38\x01\"\x1c\n\nTermScores\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"C\n\x0cWriteRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x07samples\x18\x02 \x03(\x0b\x32\x12.rlfleet.v1.Sample\" \n\rWriteResponse\x12\x0f\n\x07written\x18\x01 \x01(\x05\x32\x8b\x01\n\rRewardService\x12<\n\x05Score\x12\x18.rlfleet.v1.ScoreRequest\x1a\x19.rlfleet.v1.ScoreResponse\x12<\n\x05Write\x12\x18.rlfleet.v1.WriteRequest\x1a\x19.rlfleet.v1.WriteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE_TERMSENTRY']._serialized_end=380
   _globals['_TERMSCORES']._serialized_start=382
   _globals['_TERMSCORES']._serialized_end=410
-  _globals['_REWARDSERVICE']._serialized_start=412
-  _globals['_REWARDSERVICE']._serialized_end=489
+  _globals['_WRITEREQUEST']._serialized_start=412
+  _globals['_WRITEREQUEST']._serialized_end=479
+  _globals['_WRITERESPONSE']._serialized_start=481
+  _globals['_WRITERESPONSE']._serialized_end=513
+  _globals['_REWARDSERVICE']._serialized_start=516
+  _globals['_REWARDSERVICE']._serialized_end=655
 # @@protoc_insertion_point(module_scope)

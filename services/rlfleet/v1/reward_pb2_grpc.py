@@ -40,6 +40,11 @@ class RewardServiceStub:
                 request_serializer=rlfleet_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=rlfleet_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Write = channel.unary_unary(
+                '/rlfleet.v1.RewardService/Write',
+                request_serializer=rlfleet_dot_v1_dot_reward__pb2.WriteRequest.SerializeToString,
+                response_deserializer=rlfleet_dot_v1_dot_reward__pb2.WriteResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -52,6 +57,14 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Write(self, request, context):
+        """Appends samples that need no score to the job's experience stream: the
+        demonstrations of an SFT job (reward 0). Idempotent by sample_id, like Score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=rlfleet_dot_v1_dot_reward__pb2.ScoreRequest.FromString,
                     response_serializer=rlfleet_dot_v1_dot_reward__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Write': grpc.unary_unary_rpc_method_handler(
+                    servicer.Write,
+                    request_deserializer=rlfleet_dot_v1_dot_reward__pb2.WriteRequest.FromString,
+                    response_serializer=rlfleet_dot_v1_dot_reward__pb2.WriteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class RewardService:
             '/rlfleet.v1.RewardService/Score',
             rlfleet_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
             rlfleet_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Write(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlfleet.v1.RewardService/Write',
+            rlfleet_dot_v1_dot_reward__pb2.WriteRequest.SerializeToString,
+            rlfleet_dot_v1_dot_reward__pb2.WriteResponse.FromString,
             options,
             channel_credentials,
             insecure,

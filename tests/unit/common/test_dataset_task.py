@@ -122,12 +122,18 @@ def test_a_dataset_job_is_accepted_at_submission(tiny_model_dir, jsonl):
         (None, {}, "task.dataset is required when task.kind is 'dataset'"),
         ({"path": "someone/no-such-dataset"}, {}, "cannot be read with the Hugging Face Hub"),
         ({"path": "__README__"}, {}, "cannot be read with the Hugging Face Hub"),
+        ({"format": "xml"}, {}, "task.dataset.format: Input should be 'auto', 'json'"),
+        ({"path": "EMPTY"}, {}, "is empty: it holds no rows"),
+        ({"eval_fraction": 0.999}, {}, "the train part of"),
     ],
 )  # fmt: skip
 def test_bad_dataset_specs_are_refused_with_the_field_named(
     tiny_model_dir, jsonl, dataset, extra, message
 ):
     block = {"kind": "dataset"}
+    if dataset and dataset.get("path") == "EMPTY":
+        dataset["path"] = str(jsonl.with_name("empty.jsonl"))
+        jsonl.with_name("empty.jsonl").write_text("")
     if dataset is not None:
         block["dataset"] = {"path": str(jsonl), "prompt_column": "problem",
                             "answer_column": "solution", **dataset}  # fmt: skip

@@ -9,6 +9,7 @@ from rlfleet.reward.verifiers.code import CodeVerifier
 from rlfleet.reward.verifiers.gym import ReasoningGymVerifier
 from rlfleet.reward.verifiers.match import ExactVerifier, RegexVerifier
 from rlfleet.reward.verifiers.mathverify import MathVerifier
+from rlfleet.reward.verifiers.reward_model import RewardModelVerifier
 from rlfleet.reward.verifiers.weighted import WeightedVerifier
 
 VERIFIERS: dict[str, type[Verifier]] = {
@@ -19,6 +20,7 @@ VERIFIERS: dict[str, type[Verifier]] = {
         ExactVerifier,
         RegexVerifier,
         CodeVerifier,
+        RewardModelVerifier,
         WeightedVerifier,
     )
 }

@@ -2,7 +2,10 @@
 
 A verifier turns (completion text, task entry) into a reward in [0, 1]. It is
 pure and thread-safe: the reward core calls ``score`` from a thread pool, many
-samples at once, with one verifier instance per request.
+samples at once, with one verifier instance per request. A ``batched`` verifier
+(a reward model) is called once for the whole request instead
+(``score_batch_with_terms``), and may give rewards outside [0, 1] when its
+settings ask for raw scores.
 
 Answer extraction
 -----------------
@@ -49,6 +52,10 @@ class Verifier(abc.ABC):
 
     kind: ClassVar[str]
     config_model: ClassVar[type[VerifierConfig]] = VerifierConfig
+    batched: ClassVar[bool] = False
+    """True when one call over many samples is much cheaper than one call per sample (a
+    model's forward pass): the reward core then calls ``score_batch_with_terms`` once per
+    request instead of ``score_with_terms`` per sample in its thread pool."""
 
     def __init__(self, config: dict[str, Any] | None = None):
         # pydantic's ValidationError is a ValueError: a bad setting fails like an unknown kind.
@@ -76,6 +83,16 @@ class Verifier(abc.ABC):
         """The reward and, for a combined verifier, each term's own score (a plain
         verifier has no terms)."""
         return self.score(completion_text, entry), {}
+
+    def score_batch_with_terms(
+        self, completion_texts: list[str], entries: list[dict[str, Any]]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """``score_with_terms`` for many samples, in order. The reward core calls it only
+        for a ``batched`` verifier, which overrides it; this default scores one at a time."""
+        return [
+            self.score_with_terms(text, entry)
+            for text, entry in zip(completion_texts, entries, strict=True)
+        ]
 
 
 def require_answer(entry: dict[str, Any]) -> None:

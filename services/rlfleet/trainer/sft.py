@@ -1,0 +1,59 @@
+"""The SFT update (``algorithm.kind = "sft"``): maximum likelihood of demonstrations.
+
+    L(θ) = −(1 / N) Σ_i Σ_t log π_θ(y_i,t | x_i, y_i,<t)
+
+over the step's completion tokens only (N of them; prompt tokens carry no loss), one
+AdamW step per TrainStep, gradients accumulated exactly over token-sorted micro-batches
+as in the GRPO step. Log-probs are taken at temperature 1: the target distribution is
+the model's own, not the sampler's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlfleet.common.jobspec import AlgorithmSpec
+from rlfleet.trainer.batching import TrainSample, micro_batches, response_logprobs
+from rlfleet.trainer.losses import sft_nll_sum
+
+
+def sft_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    samples: list[TrainSample],
+    *,
+    alg: AlgorithmSpec,
+    device: torch.device,
+    pad_id: int,
+) -> dict[str, float]:
+    """One optimizer step on the demonstrations; returns the step metrics."""
+    tokens = sum(len(s.completion_ids) for s in samples)
+    if tokens == 0:
+        raise ValueError("the step's demonstrations have no completion tokens")
+    zeros = torch.zeros(len(samples))
+    optimizer.zero_grad(set_to_none=True)
+    nll = 0.0
+    for mb in micro_batches(samples, zeros, size=alg.micro_batch_size, pad_id=pad_id):
+        mb = mb.to(device)
+        logp, _ = response_logprobs(model, mb, temperature=1.0)
+        loss = sft_nll_sum(logp, mb.valid) / tokens
+        loss.backward()
+        nll += float(loss.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm))
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:  # a NaN/inf gradient would poison the weights; keep them instead
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss": nll,
+        "sft_loss": nll,
+        "sft_perplexity": math.exp(min(nll, 50.0)),
+        "grad_norm": grad_norm,
+        "update_skipped": float(skipped),
+        "tokens": float(tokens),
+        "samples": float(len(samples)),
+        "response_length_mean": tokens / len(samples),
+        "lr": float(alg.lr),
+    }
