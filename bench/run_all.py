@@ -54,6 +54,10 @@ KNOWN: list[tuple[str, list[str], str]] = [
      "simulation (train share >= 0.3): rollout >= 2.5x, end-to-end >= 1.5x; real fleet: "
      "end-to-end >= 1.3x, reward gap c3po - sync within 2 combined SE"),
     ("rollout", ["tok_s", "ratios"], "torch engine >= transformers' generate (tok/s)"),
+    ("trainer_memory", ["logits_bytes_per_token_chunked", "logits_bytes_per_token_naive",
+                        "peak_bytes_chunked"],
+     "chunked log-probs: growth per response token above the activations' < 1/4 of one "
+     "fp32 vocabulary row (no V x T term)"),
 ]  # fmt: skip
 BOOKKEEPING = {"bench", "quick", "wall_s", "load_at_end", "machine", "argv"}
 
@@ -74,6 +78,7 @@ EXPECTED_S = {
     "icepop": (230, 90),
     "c3po": (660, 270),  # real fleet: 3 seeds x sync/c3po/overlap since issue #13 (602 s measured)
     "rollout": (580, 100),
+    "trainer_memory": (330, 110),  # every (path, length) a process of its own
 }
 OTHER_EXPECTED_S = 120  # a script this table does not know yet
 BUDGET_S = 19 * 60  # issue #9: 20 minutes; 1 left for startup (the bench extra is installed first)
@@ -180,6 +185,12 @@ def checks(name: str, data: dict) -> list[Check]:
         ]  # fmt: skip
     if name == "c3po":
         return c3po_checks(data)
+    if name == "trainer_memory":
+        bound = 0.25 * 4 * get("vocab", 152_064)
+        return [
+            Check("log-prob bytes per token above activations",
+                  get("logits_bytes_per_token_chunked"), bound, upper=True, bound_note=" B")
+        ]  # fmt: skip
     if name == "rollout":
         return [
             Check("torch engine / HF generate", lookup(data, "ratios.torch_vs_hf_generate"), 1.0)

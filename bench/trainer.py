@@ -62,7 +62,7 @@ PHASES: list[tuple[str, str, str, bool, str | None]] = [
     ("Sample -> TrainSample (to_train_sample)", "trainer/batching.py", "to_train_sample", False, None),
     ("advantages (group_advantages)", "trainer/losses.py", "group_advantages", False, "advantages"),
     ("collation (micro_batches)", "trainer/batching.py", "micro_batches", False, None),
-    ("forward + log-probs (response_logprobs)", "trainer/batching.py", "response_logprobs", False, "logprobs"),
+    ("forward + log-probs (response_logprobs)", "trainer/logprobs.py", "response_logprobs", False, "logprobs"),
     ("entropy at masked tokens (token_entropy)", "trainer/losses.py", "token_entropy", False, None),
     ("loss (icepop_ppo_loss)", "trainer/losses.py", "icepop_ppo_loss", False, "loss"),
     ("backward", "~", "run_backward", False, None),

@@ -64,7 +64,13 @@ class ModelSpec(_Spec):
     succeeded. The scheduler resolves it at submission and records the checkpoint
     directory in ``path``, so SFT -> RLVR -> RLHF is three submissions."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision of the trainer's master weights."""
+    """Precision the trainer computes in (forward and backward, under autocast when it
+    differs from ``master_dtype``); bfloat16 is the usual choice on GPUs. float16 runs
+    without loss scaling: prefer bfloat16."""
+    master_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of the trainer's weights, gradients and AdamW state. Low precision here
+    only when named: AdamW on bf16 weights rounds updates below half an ulp away (at lr
+    2e-6 most weights never move), so the trainer logs a warning."""
 
     @model_validator(mode="after")
     def _names_a_model(self) -> ModelSpec:
@@ -278,6 +284,17 @@ class AlgorithmSpec(_Spec):
     """Prompts per training step (Ring-1T: 480); sft: examples per step."""
     lr: float = Field(default=1e-5, gt=0.0, le=1.0)
     """AdamW learning rate (Ring-1T: 2e-6)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay of the learning rate over the job's optimizer updates, after the warmup."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Steps over which the learning rate rises linearly from lr / W to lr."""
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """linear / cosine: the rate the decay ends at, as a share of lr."""
+    mini_batches: int = Field(default=1, ge=1, le=4096)
+    """grpo: optimizer updates per epoch over the step's samples (PPO mini-batches); with
+    more than one, later updates see r = π_θ / π_θold ≠ 1 and the clip acts."""
+    epochs: int = Field(default=1, ge=1, le=64)
+    """grpo: passes over the step's samples (each split into ``mini_batches``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
@@ -289,7 +306,17 @@ class AlgorithmSpec(_Spec):
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     """Gradient clipping norm."""
     micro_batch_size: int = Field(default=64, ge=1)
-    """Samples per forward/backward pass (gradient accumulation over the step)."""
+    """Most samples per forward/backward pass (gradient accumulation over the step)."""
+    max_tokens_per_micro_batch: int = Field(default=0, ge=0)
+    """Most tokens (prompt + completion, padding included) per forward/backward pass, so
+    long sequences go a few at a time and short ones many; 0: only ``micro_batch_size``
+    bounds a micro-batch. A sequence longer than this is refused, naming it."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: about one more forward of compute for much less activation memory."""
+    logprob_chunk_tokens: int = Field(default=1024, ge=1)
+    """Response tokens whose vocabulary-sized logits exist at once in the log-prob pass
+    (trainer/logprobs.py): memory is this × vocabulary, not response length × vocabulary."""
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (GRPO); False keeps only centring."""
 
@@ -401,6 +428,28 @@ class JobSpec(_Spec):
             raise ValueError(
                 "reward.verifier 'reasoning_gym' scores reasoning-gym tasks only; for "
                 "task.kind 'dataset' choose math, exact, regex or code"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mini_batches_split_the_step(self) -> JobSpec:
+        alg = self.algorithm
+        if alg.mini_batches > self.samples_per_step and self.scheduling.mode == "sync":
+            raise ValueError(
+                f"algorithm.mini_batches ({alg.mini_batches}) exceeds the step's samples "
+                f"(prompts_per_step × group_size = {self.samples_per_step})"
+            )
+        if alg.kind == "sft" and (alg.mini_batches > 1 or alg.epochs > 1):
+            raise ValueError("algorithm.mini_batches and epochs are for grpo; sft steps once")
+        return self
+
+    @model_validator(mode="after")
+    def _micro_batch_holds_a_sequence(self) -> JobSpec:
+        budget = self.algorithm.max_tokens_per_micro_batch
+        if budget and budget <= self.sampling.max_new_tokens:
+            raise ValueError(
+                f"algorithm.max_tokens_per_micro_batch ({budget}) is shorter than one sequence "
+                f"can be: a prompt plus sampling.max_new_tokens ({self.sampling.max_new_tokens})"
             )
         return self
 

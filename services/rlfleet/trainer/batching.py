@@ -1,4 +1,4 @@
-"""From buffer samples to padded tensors, and from a model to response log-probs.
+"""From buffer samples to padded micro-batches (``logprobs.py`` turns them into log-probs).
 
 A training sequence is prompt + completion; only completion tokens carry loss.
 The logit at position p predicts token p + 1, so completion token j (at
@@ -135,37 +135,36 @@ def collate(
 
 
 def micro_batches(
-    samples: Sequence[TrainSample], advantages: Tensor, *, size: int, pad_id: int
-) -> list[MicroBatch]:
-    """Splits the step into micro-batches of ``size`` samples, similar lengths together."""
-    order = sorted(
-        range(len(samples)),
-        key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids),
-    )
-    return [
-        collate(samples, advantages, order[i : i + size], pad_id=pad_id)
-        for i in range(0, len(order), size)
-    ]
-
-
-def response_logprobs(
-    model: torch.nn.Module,
-    batch: MicroBatch,
+    samples: Sequence[TrainSample],
+    advantages: Tensor,
     *,
-    temperature: float,
-    with_logp_all: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """log π(y_t | prefix) = log_softmax(logits / T)[y_t] at every response position.
-
-    Returns ``[B, T]`` log-probs (float32; 0 on padding) and, if asked, the
-    ``[B, T, V]`` log-probs over the vocabulary they were taken from (for
-    ``losses.token_entropy`` at the positions that need it).
-    """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits  # [B, L, V]
-    index = batch.score_positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))
-    scored = torch.gather(logits, 1, index).float() / temperature  # [B, T, V]
-    logp_all = torch.log_softmax(scored, dim=-1)
-    logp = torch.gather(logp_all, -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(batch.valid, logp, torch.zeros_like(logp))
-    return logp, logp_all if with_logp_all else None
+    size: int,
+    pad_id: int,
+    max_tokens: int = 0,
+) -> list[MicroBatch]:
+    """Splits the step into micro-batches, similar lengths together: at most ``size``
+    samples each and, with ``max_tokens``, at most that many padded tokens (rows × the
+    longest row), so long sequences go a few at a time and short ones many. The loss
+    is normalised by the step's sample count, not the micro-batch's, so the gradients
+    summed over any split are the step's."""
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    order = sorted(range(len(samples)), key=lengths.__getitem__)
+    if max_tokens and order and lengths[order[-1]] > max_tokens:
+        longest = samples[order[-1]]
+        raise InvalidArgument(
+            f"algorithm.max_tokens_per_micro_batch ({max_tokens}) is shorter than sample "
+            f"{longest.sample_id} ({lengths[order[-1]]} tokens, prompt + completion)"
+        )
+    groups: list[list[int]] = []
+    for i in order:  # ascending length: a row added last is the widest of its batch
+        current = groups[-1] if groups else None
+        fits = (
+            current is not None
+            and len(current) < size
+            and (not max_tokens or (len(current) + 1) * lengths[i] <= max_tokens)
+        )
+        if fits:
+            current.append(i)
+        else:
+            groups.append([i])
+    return [collate(samples, advantages, rows, pad_id=pad_id) for rows in groups]

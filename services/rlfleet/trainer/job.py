@@ -4,10 +4,8 @@ A step, in the order that keeps experience safe across crashes:
 
 1. take the step's samples from the buffer (own pending entries first, then
    entries a dead consumer left pending, then new ones);
-2. GRPO advantages per group; log-probs at θ_old without gradient (the
-   training engine's view of the rollout weights, IcePop's p_train);
-3. the PPO/IcePop loss over micro-batches with exact gradient accumulation,
-   gradient clipping, one AdamW step;
+2-3. the update: GRPO (``grpo.py``: advantages, log-probs at θ_old, the PPO/IcePop
+   loss over mini-batches and token-bounded micro-batches, AdamW) or SFT (``sft.py``);
 4. a checkpoint when one is due;
 5. publish version step + 1 to weight-sync;
 6. store the step result (idempotency), then acknowledge the entries.
@@ -20,7 +18,6 @@ repeated TrainStep re-acknowledges them.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from pathlib import Path
@@ -31,16 +28,10 @@ from rlfleet.common.buffer import Entry, ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer import metrics as prom
-from rlfleet.trainer.batching import TrainSample, micro_batches, response_logprobs, to_train_sample
+from rlfleet.trainer.batching import to_train_sample
 from rlfleet.trainer.checkpoint import CheckpointStore
-from rlfleet.trainer.losses import (
-    group_advantages,
-    icepop_band,
-    icepop_ppo_loss,
-    mismatch_metrics,
-    token_entropy,
-    train_inference_ratio,
-)
+from rlfleet.trainer.checkpointing import enable_activation_checkpointing
+from rlfleet.trainer.grpo import grpo_update
 from rlfleet.trainer.publish import WeightPublisher
 from rlfleet.trainer.sft import sft_update
 from rlfleet.trainer.state import StepResult, TrainerStore
@@ -118,8 +109,21 @@ class JobTrainer:
             self.checkpoints.remove_partial()
             latest = self.checkpoints.latest()
             source = latest.path if latest else Path(self.spec.model.path)
-            self.model = load_causal_lm(source, dtype=self.spec.model.dtype, device=self.device)
+            precision = self.spec.model
+            self.model = load_causal_lm(source, dtype=precision.master_dtype, device=self.device)
+            if precision.master_dtype != "float32":
+                logger.warning(
+                    "model.master_dtype is %s: AdamW updates weights in low precision, and "
+                    "updates below half an ulp round away (float32 masters avoid this)",
+                    precision.master_dtype,
+                    extra={"job_id": self.job_id},
+                )
             alg = self.spec.algorithm
+            if alg.activation_checkpointing:
+                try:
+                    enable_activation_checkpointing(self.model)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
             self.optimizer = torch.optim.AdamW(
                 self.model.parameters(),
                 lr=alg.lr,
@@ -235,17 +239,17 @@ class JobTrainer:
         entries = self._take(num_samples, step=step)
         vocab = self.model.get_input_embeddings().num_embeddings
         samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
-        if self.spec.algorithm.kind == "sft":
-            metrics = sft_update(
-                self.model,
-                self.optimizer,
-                samples,
-                alg=self.spec.algorithm,
-                device=self.device,
-                pad_id=_pad_id(self.model),
-            )
-        else:
-            metrics = self._optimise(samples)
+        update = sft_update if self.spec.algorithm.kind == "sft" else grpo_update
+        metrics = update(
+            self.model,
+            self.optimizer,
+            samples,
+            spec=self.spec,
+            step=step,
+            device=self.device,
+            pad_id=_pad_id(self.model),
+            ref_model=self.ref_model,
+        )
         self.version, self.last_step = step + 1, step
         metrics["trainer_step_seconds"] = time.perf_counter() - start
         result = StepResult(
@@ -320,114 +324,6 @@ class JobTrainer:
                 )
             )
         return list(taken.values())
-
-    # ------------------------------------------------------------------ optimisation
-    def _optimise(self, samples: list[TrainSample]) -> dict[str, float]:
-        """One GRPO optimizer step over the step's samples; returns the step metrics."""
-        spec, alg, corr = self.spec, self.spec.algorithm, self.spec.correction
-        model, dev = self.model, self.device
-        temperature = spec.sampling.temperature or 1.0  # greedy sampling: log-probs at T = 1
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-        advantages = group_advantages(
-            rewards, [s.group_id for s in samples], scale=alg.scale_rewards
-        )
-        pad_id = _pad_id(model)
-        batches = [
-            mb.to(dev)
-            for mb in micro_batches(samples, advantages, size=alg.micro_batch_size, pad_id=pad_id)
-        ]
-        num_samples = len(samples)
-
-        # θ_old = the weights that produced the rollouts. Each TrainStep takes exactly
-        # one optimizer step, so during this pass θ is still θ_old (eval mode: no
-        # dropout) and the log-probs at θ_old are this pass's own, detached: the
-        # same numbers a separate no-grad pass would give, one forward cheaper.
-        # (r = exp(logp_θ − logp_old) is 1 here; clipping matters once several
-        # optimizer steps share one batch.)
-        flat_old, flat_infer, flat_entropy = [], [], []
-        # The loss of each micro-batch is already divided by G (the step's
-        # samples), so summed gradients equal the gradient of the step's loss.
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = policy = kl = 0.0
-        clipped = 0
-        for mb in batches:
-            logp, logp_all = response_logprobs(
-                model, mb, temperature=temperature, with_logp_all=True
-            )
-            logp_old = logp.detach()
-            flat_old.append(logp_old[mb.valid])
-            flat_infer.append(mb.logp_infer[mb.valid])
-            # The entropy metric is of the tokens IcePop masks (few): summing over the
-            # vocabulary at every token instead cost more than a tiny model's step.
-            k = train_inference_ratio(logp_old, mb.logp_infer)
-            masked = mb.valid & ~icepop_band(k, alpha=corr.alpha, beta=corr.beta)
-            entropy = torch.zeros_like(logp_old)
-            if bool(masked.any()):
-                entropy[masked] = token_entropy(logp_all.detach()[masked]).to(entropy.dtype)
-            flat_entropy.append(entropy[mb.valid])
-            logp_ref = None
-            if self.ref_model is not None:
-                with torch.no_grad():
-                    logp_ref = response_logprobs(self.ref_model, mb, temperature=temperature)[0]
-            parts = icepop_ppo_loss(
-                logp=logp,
-                logp_old=logp_old,
-                logp_infer=mb.logp_infer,
-                advantages=mb.advantages,
-                valid=mb.valid,
-                num_samples=num_samples,
-                clip_eps=alg.clip_eps,
-                kind=corr.kind,
-                alpha=corr.alpha,
-                beta=corr.beta,
-                cap=corr.tis_cap,
-                kl_coef=alg.kl_coef,
-                logp_ref=logp_ref,
-            )
-            parts.loss.backward()
-            loss += float(parts.loss.detach())
-            policy += float(parts.policy_loss)
-            kl += float(parts.kl)
-            clipped += int(parts.clipped_tokens)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm))
-        skipped = not math.isfinite(grad_norm)
-        if skipped:  # a NaN/inf gradient would poison the weights; keep them instead
-            logger.warning(
-                "non-finite gradient norm; optimizer step skipped", extra={"job_id": self.job_id}
-            )
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float64)
-        tokens = int(lengths.sum())
-        out = {
-            "loss": loss,
-            "policy_loss": policy,
-            "kl_ref": kl,
-            "grad_norm": grad_norm,
-            "update_skipped": float(skipped),
-            "clip_fraction": clipped / tokens if tokens else 0.0,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(correction=0)),
-            "response_length_mean": float(lengths.mean()),
-            "zero_advantage_fraction": float((advantages == 0).double().mean()),
-            "tokens": float(tokens),
-            "samples": float(num_samples),
-            "lr": float(alg.lr),
-        }
-        # On the training device, in the loss's dtype: the masked counts are then
-        # decided on bit-identical k values (a CPU copy could round k differently).
-        out.update(
-            mismatch_metrics(
-                logp_old=torch.cat(flat_old),
-                logp_infer=torch.cat(flat_infer),
-                entropy=torch.cat(flat_entropy),
-                alpha=corr.alpha,
-                beta=corr.beta,
-            )
-        )
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_due(self, step: int) -> bool:

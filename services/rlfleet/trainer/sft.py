@@ -14,9 +14,11 @@ import math
 
 import torch
 
-from rlfleet.common.jobspec import AlgorithmSpec
-from rlfleet.trainer.batching import TrainSample, micro_batches, response_logprobs
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.trainer.batching import TrainSample, micro_batches
+from rlfleet.trainer.logprobs import response_logprobs
 from rlfleet.trainer.losses import sft_nll_sum
+from rlfleet.trainer.schedule import learning_rate
 
 
 def sft_update(
@@ -24,20 +26,34 @@ def sft_update(
     optimizer: torch.optim.Optimizer,
     samples: list[TrainSample],
     *,
-    alg: AlgorithmSpec,
+    spec: JobSpec,
+    step: int,
     device: torch.device,
     pad_id: int,
+    ref_model: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One optimizer step on the demonstrations; returns the step metrics."""
+    """One optimizer step on the demonstrations; returns the step metrics. (``ref_model``
+    is unused: SFT has no KL term.)"""
+    alg = spec.algorithm
+    lr = learning_rate(alg, update=step, total_updates=spec.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     tokens = sum(len(s.completion_ids) for s in samples)
     if tokens == 0:
         raise ValueError("the step's demonstrations have no completion tokens")
     zeros = torch.zeros(len(samples))
     optimizer.zero_grad(set_to_none=True)
     nll = 0.0
-    for mb in micro_batches(samples, zeros, size=alg.micro_batch_size, pad_id=pad_id):
+    batches = micro_batches(
+        samples, zeros, size=alg.micro_batch_size, pad_id=pad_id,
+        max_tokens=alg.max_tokens_per_micro_batch,
+    )  # fmt: skip
+    for mb in batches:
         mb = mb.to(device)
-        logp, _ = response_logprobs(model, mb, temperature=1.0)
+        logp = response_logprobs(
+            model, mb, temperature=1.0, chunk_tokens=alg.logprob_chunk_tokens,
+            compute_dtype=getattr(torch, spec.model.dtype),
+        ).logp  # fmt: skip
         loss = sft_nll_sum(logp, mb.valid) / tokens
         loss.backward()
         nll += float(loss.detach())
@@ -55,5 +71,5 @@ def sft_update(
         "tokens": float(tokens),
         "samples": float(len(samples)),
         "response_length_mean": tokens / len(samples),
-        "lr": float(alg.lr),
+        "lr": lr,
     }

@@ -18,7 +18,8 @@ import math
 
 import pytest
 import torch
-from rlfleet.trainer.batching import collate, response_logprobs, to_train_sample
+from rlfleet.trainer.batching import collate, to_train_sample
+from rlfleet.trainer.logprobs import response_logprobs
 from rlfleet.trainer.losses import (
     icepop_ppo_loss,
     icepop_weight,
@@ -132,7 +133,7 @@ def _batch(model, *, spike: float):
     adv = torch.tensor([1.0, -0.5, 0.7])
     mb = collate(samples, adv, [0, 1, 2], pad_id=0)
     with torch.no_grad():
-        logp_old, _ = response_logprobs(model, mb, temperature=1.0)
+        logp_old = response_logprobs(model, mb, temperature=1.0).logp
     # Inference log-probs close to the training ones, two pushed far off: k ≫ β and k ≪ α.
     logp_infer = logp_old - 0.01
     logp_infer[0, 1] = logp_old[0, 1] - spike  # k = e^spike > β
@@ -143,7 +144,7 @@ def _batch(model, *, spike: float):
 
 def _param_grads(model, mb, logp_old, *, kind="icepop"):
     model.zero_grad(set_to_none=True)
-    logp, _ = response_logprobs(model, mb, temperature=1.0)
+    logp = response_logprobs(model, mb, temperature=1.0).logp
     parts = icepop_ppo_loss(
         logp=logp,
         logp_old=logp_old,
@@ -171,7 +172,7 @@ def test_masked_tokens_contribute_nothing_to_the_model_gradient(model):
     # Independently: −(1/G) Σ_i (1/|y_i|) Σ_{t kept} k_t · r_t · A_i at r = 1 (no clipping
     # is active there), summing over the kept tokens only, by an explicit list.
     model.zero_grad(set_to_none=True)
-    logp, _ = response_logprobs(model, mb, temperature=1.0)
+    logp = response_logprobs(model, mb, temperature=1.0).logp
     lengths = mb.valid.sum(dim=-1)
     terms = [
         k[i, t] * torch.exp(logp[i, t] - logp_old[i, t]) * mb.advantages[i] / lengths[i]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from rlfleet.common.jobspec import AlgorithmSpec
+from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.batching import TrainSample
 from rlfleet.trainer.sft import sft_update
 
@@ -20,6 +20,13 @@ def _samples() -> list[TrainSample]:
         out.append(TrainSample(f"s{i}", f"g{i}", tuple(prompt), tuple(completion),
                                (0.0,) * len(completion), 0.0))  # fmt: skip
     return out
+
+
+def _spec(**algorithm) -> JobSpec:
+    return JobSpec.model_validate({
+        "model": {"path": "unused"}, "steps": 100,
+        "task": {"kind": "dataset", "dataset": {"path": "unused.jsonl"}},
+        "algorithm": {"kind": "sft", **algorithm}})  # fmt: skip
 
 
 def _reference_nll(model, samples) -> float:
@@ -43,8 +50,8 @@ def test_sft_loss_is_the_completion_token_mean_nll_whatever_the_micro_batches(mo
     for size in (1, 4, 64):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.0)
-        alg = AlgorithmSpec(kind="sft", micro_batch_size=size, max_grad_norm=1e9)
-        out = sft_update(m, opt, samples, alg=alg, device=torch.device("cpu"), pad_id=0)
+        spec = _spec(micro_batch_size=size, max_grad_norm=1e9)
+        out = sft_update(m, opt, samples, spec=spec, step=0, device=torch.device("cpu"), pad_id=0)
         assert abs(out["sft_loss"] - want) < 1e-5
         assert out["tokens"] == sum(len(s.completion_ids) for s in samples)
         # lr 0 leaves the weights; the gradients are what accumulation produced.
@@ -57,9 +64,10 @@ def test_sft_steps_lower_the_loss(model):
     m = copy.deepcopy(model)
     samples = _samples()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    alg = AlgorithmSpec(kind="sft", micro_batch_size=4)
+    spec = _spec(micro_batch_size=4, lr=1e-2)
+    cpu = torch.device("cpu")
     losses = [
-        sft_update(m, opt, samples, alg=alg, device=torch.device("cpu"), pad_id=0)["sft_loss"]
-        for _ in range(15)
+        sft_update(m, opt, samples, spec=spec, step=i, device=cpu, pad_id=0)["sft_loss"]
+        for i in range(15)
     ]
     assert losses[-1] < 0.7 * losses[0]
