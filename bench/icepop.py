@@ -254,31 +254,19 @@ def sample_batch(model_path: Path, spec: dict, *, dtype: str, noise: float, seed
 
 
 def make_trainer(spec: dict, kind: str, workdir: Path, *, lr: float | None = None):
-    """A JobTrainer holding the job's model and AdamW, as InitJob leaves it (no Redis needed)."""
+    """The job's policy engine (model and AdamW) as InitJob leaves it (no Redis needed).
+    ``lr`` 0: AdamW at a rate so small the weights stay put (the spec needs lr > 0)."""
     import torch
     from rlfleet.common.jobspec import JobSpec
-    from rlfleet.trainer.job import JobTrainer, load_causal_lm
+    from rlfleet.trainer.engine import PolicyEngine
 
     job = JobSpec.model_validate(with_kind(spec, kind))
-    trainer = JobTrainer(
-        job_id=f"bench-{kind}",
-        spec=job,
-        buffer=None,
-        store=None,
-        publisher=None,
-        checkpoint_dir=workdir,
-        device=torch.device("cpu"),
-    )
+    if lr is not None:
+        job.algorithm.lr = lr or 1e-30
     torch.manual_seed(job.seed)
-    trainer.model = load_causal_lm(job.model.path, dtype=job.model.dtype, device=trainer.device)
-    alg = job.algorithm
-    trainer.optimizer = torch.optim.AdamW(
-        trainer.model.parameters(),
-        lr=alg.lr if lr is None else lr,
-        betas=tuple(alg.betas),
-        weight_decay=alg.weight_decay,
-    )
-    return trainer
+    engine = PolicyEngine(job, torch.device("cpu"))
+    engine.load(job.model.path)
+    return engine
 
 
 CONTROL = "none again"  # an A/A arm: what the method reads when nothing differs
@@ -298,21 +286,23 @@ def time_steps(spec: dict, samples: list, *, rounds: int) -> dict:
     arms = (*KINDS, CONTROL)
     specs = {kind: JobSpec.model_validate(with_kind(spec, kind)) for kind in KINDS}
     specs[CONTROL] = specs["none"]
+    for job in specs.values():  # the weights stay put (the update sets the spec's rate)
+        job.algorithm.lr = 1e-30
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(spec, "none", Path(tmp), lr=0.0)
-        vocab = trainer.model.get_input_embeddings().num_embeddings
+        vocab = trainer.vocab_size
         batch = [to_train_sample(s, vocab_size=vocab) for s in samples]
         first = {}
         for kind in (*KINDS, *KINDS):  # warm-up; keeps the first metrics of each kind
             trainer.spec = specs[kind]
-            first.setdefault(kind, trainer._optimise(batch))
+            first.setdefault(kind, trainer.update(batch, 0))
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         for r in range(rounds):
             k = r % len(arms)
             for arm in arms[k:] + arms[:k]:  # each arm in each slot equally often
                 trainer.spec = specs[arm]
                 t0 = time.perf_counter()
-                trainer._optimise(batch)
+                trainer.update(batch, 0)
                 times[arm].append(time.perf_counter() - t0)
 
     def ratios(arm: str) -> list[float]:
@@ -336,8 +326,8 @@ def first_step_metrics(spec: dict, samples: list) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(spec, "icepop", Path(tmp))
-        vocab = trainer.model.get_input_embeddings().num_embeddings
-        return trainer._optimise([to_train_sample(s, vocab_size=vocab) for s in samples])
+        vocab = trainer.vocab_size
+        return trainer.update([to_train_sample(s, vocab_size=vocab) for s in samples], 0)
 
 
 def _iqr(xs: list[float]) -> tuple[float, float]:

@@ -343,7 +343,8 @@ def bench_model(name: str, path: Path, *, quick: bool, redis_url: str, tmp: Path
     import torch
     from rlfleet.common.buffer import RedisStreamBuffer
     from rlfleet.common.jobspec import JobSpec
-    from rlfleet.trainer.job import JobTrainer, load_causal_lm
+    from rlfleet.trainer.engine import load_causal_lm
+    from rlfleet.trainer.job import JobTrainer
     from rlfleet.trainer.publish import NoPublisher
     from rlfleet.trainer.state import TrainerStore
 

@@ -27,7 +27,10 @@ STEPS = 20
 MARGIN = 0.15
 
 
-def test_demo_job_learns_by_a_stated_margin(tmp_path):
+@pytest.mark.parametrize("trainer_ranks", [1, 2])
+def test_demo_job_learns_by_a_stated_margin(tmp_path, trainer_ranks):
+    """With two trainer ranks the policy is sharded with FSDP2 over gloo (the step equals
+    the one-rank step to float rounding: test_trainer_fsdp.py), and learns the same."""
     out = tmp_path / "demo.json"
     proc = subprocess.run(
         [
@@ -39,6 +42,8 @@ def test_demo_job_learns_by_a_stated_margin(tmp_path):
             "demo",
             "--steps",
             str(STEPS),
+            "--trainer-ranks",
+            str(trainer_ranks),
             "--json",
             str(out),
         ],

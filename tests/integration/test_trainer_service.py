@@ -227,8 +227,8 @@ def test_redis_lost_while_a_step_is_stored_the_repeat_trains_nothing_again(
     published: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     class CrashRedisAfterFirstStep(NoPublisher):
-        def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
-            published.append((version, {k: v.clone() for k, v in model.state_dict().items()}))
+        def publish(self, *, job_id: str, version: int, weights: dict) -> str:
+            published.append((version, {k: v.clone() for k, v in weights.items()}))
             if len(published) == 2:  # version 0 at InitJob, then step 0's version 1
                 redis_proc.kill()
             return ""

@@ -42,6 +42,7 @@ def run_demo(
     replicas: int,
     engine: str,
     json_path: Path | None,
+    trainer_ranks: int = 1,
     console: Console,
 ) -> dict:
     from rlfleet.cli.demo_model import prepare_demo_model
@@ -53,7 +54,11 @@ def run_demo(
     model_path = prepare_demo_model(cache_dir, progress=lambda msg: console.print(f"    {msg}"))
     console.print(f"    model: {model_path}")
     console.print(f"[bold]2/3[/] starting the fleet in {run_dir} (logs: {run_dir}/*.log)")
-    fleet = Fleet(FleetOptions(run_dir=run_dir, rollout_replicas=replicas, engine=engine))
+    fleet = Fleet(
+        FleetOptions(
+            run_dir=run_dir, rollout_replicas=replicas, engine=engine, trainer_ranks=trainer_ranks
+        )
+    )
 
     def started(name, proc):
         console.print(f"    {name:<10} pid {proc.pid:<7} 127.0.0.1:{proc.info.get('port')}")

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 class FleetOptions:
     run_dir: Path
     rollout_replicas: int = 2
+    trainer_ranks: int = 1
+    """Trainer processes the policy is sharded over (FSDP2); the trainer starts ranks 1..N-1."""
     engine: str = "torch"
     redis_url: str = ""
     """Empty: start an embedded redis-server in run_dir."""
@@ -76,6 +78,8 @@ class Fleet:
                     ws.address,
                     "--checkpoint-dir",
                     str(run / "checkpoints"),
+                    "--ranks",
+                    str(opts.trainer_ranks),
                 ],
                 env,
                 on_started,

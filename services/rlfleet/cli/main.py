@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--rollout-replicas", type=int, default=2)
     up.add_argument(
+        "--trainer-ranks", type=int, default=1, help="trainer ranks (FSDP2 shards; gloo on CPU)"
+    )
+    up.add_argument(
         "--engine",
         default="torch",
         help="rollout engine: torch, vllm (runs from .venv-vllm) or sim",
@@ -68,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a GRPO job on a tiny model through a local fleet")
     demo.add_argument("--steps", type=int, default=None, help="override the example's step count")
     demo.add_argument("--rollout-replicas", type=int, default=2)
+    demo.add_argument("--trainer-ranks", type=int, default=1, help="trainer ranks (FSDP2)")
     demo.add_argument("--engine", default="torch")
     demo.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "rlfleet")
     demo.add_argument(
@@ -125,6 +129,7 @@ def _cmd_up(args, console: Console, run_dir: Path) -> None:
         FleetOptions(
             run_dir=run_dir,
             rollout_replicas=args.rollout_replicas,
+            trainer_ranks=args.trainer_ranks,
             engine=args.engine,
             redis_url=args.redis_url,
             http_port=args.http_port,
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             cache_dir=args.cache_dir,
             steps=args.steps,
             replicas=args.rollout_replicas,
+            trainer_ranks=args.trainer_ranks,
             engine=args.engine,
             json_path=args.json,
             console=console,

@@ -70,7 +70,8 @@ class CheckpointStore:
         *,
         step: int,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
         tokenizer_dir: str | Path,
         state: dict[str, Any],
     ) -> Path:
@@ -79,9 +80,10 @@ class CheckpointStore:
         final = self.dir / f"step-{step}"
         tmp = self.dir / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # ``weights``: whole, gathered from every rank (``model`` supplies the config).
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             copy_tokenizer_files(tokenizer_dir, tmp)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             payload = {"step": step, "version": step + 1, "saved_at": time.time(), **state}
             (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
             _fsync_tree(tmp)
@@ -134,14 +136,13 @@ class CheckpointStore:
                 shutil.rmtree(child, ignore_errors=True)
 
     @staticmethod
-    def load_optimizer(
-        info: CheckpointInfo, optimizer: torch.optim.Optimizer, *, device: torch.device
-    ) -> bool:
+    def optimizer_state(info: CheckpointInfo) -> dict[str, Any] | None:
+        """The AdamW state saved with ``info`` (keyed by parameter names, whole: it loads
+        on any number of ranks), or None when there is none."""
         path = info.path / OPTIMIZER_FILE
         if not path.is_file():
-            return False
-        optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        return True
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -33,4 +33,8 @@ class TrainerConfig(ServiceConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the policy lives; auto: cuda if available, else cpu."""
     torch_threads: int = Field(default=0, ge=0)
-    """CPU threads for torch; 0 keeps torch's default."""
+    """CPU threads for torch (per rank); 0 keeps torch's default."""
+    ranks: int = Field(default=1, ge=1, le=1024)
+    """Trainer ranks on this machine: the policy is sharded over them (FSDP2; NCCL on GPUs,
+    gloo on CPU). This process is rank 0 and starts the others. Under torchrun (RANK and
+    WORLD_SIZE set) the launcher's ranks are used instead and this is ignored."""

@@ -18,6 +18,7 @@ import torch
 from rlfleet.common.buffer import ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.trainer.engine import RankMirror
 from rlfleet.trainer.job import JobTrainer
 from rlfleet.trainer.publish import WeightPublisher
 from rlfleet.trainer.state import StepResult, TrainerStore
@@ -51,6 +52,7 @@ class TrainerCore:
         read_timeout_s: float = 60.0,
         reclaim_idle_s: float = 60.0,
         device: torch.device | None = None,
+        mirror: RankMirror | None = None,
     ):
         self.buffer = buffer
         self.store = store
@@ -60,6 +62,8 @@ class TrainerCore:
         self.read_timeout_s = read_timeout_s
         self.reclaim_idle_s = reclaim_idle_s
         self.device = device
+        # Several ranks: every job's engine runs on each, driven from here (engine.py).
+        self.mirror = mirror
         self.jobs: dict[str, JobTrainer] = {}
         self._lock = threading.Lock()
         self._job_locks: dict[str, threading.Lock] = {}
@@ -98,6 +102,7 @@ class TrainerCore:
                 read_timeout_s=self.read_timeout_s,
                 reclaim_idle_s=self.reclaim_idle_s,
                 device=self.device,
+                mirror=self.mirror,
             )
             version, resumed = trainer.init_job()
             self.jobs[job_id] = trainer
@@ -129,3 +134,5 @@ class TrainerCore:
 
     def close(self) -> None:
         self.publisher.close()
+        if self.mirror is not None:
+            self.mirror.stop()

@@ -12,6 +12,9 @@
    its own sample count, accumulated exactly over token-bounded micro-batches.
    Later updates see r ≠ 1, and ``clip_fraction`` counts the tokens the clip held.
 4. The learning rate of every update follows ``schedule.learning_rate``.
+
+Several ranks (FSDP2, ``distributed.py``): every rank sees the whole step, trains on
+its share of each part, and the metrics are summed or gathered over ranks.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ from torch import Tensor
 
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.batching import MicroBatch, TrainSample, micro_batches
-from rlfleet.trainer.logprobs import ResponseLogprobs, response_logprobs
-from rlfleet.trainer.losses import (
-    group_advantages,
-    icepop_band,
-    icepop_ppo_loss,
-    mismatch_metrics,
-    token_entropy,
-    train_inference_ratio,
+from rlfleet.trainer.distributed import (
+    gather_objects,
+    grad_norm_value,
+    matched,
+    ranks,
+    sum_over_ranks,
 )
+from rlfleet.trainer.logprobs import ResponseLogprobs, response_logprobs
+from rlfleet.trainer.losses import group_advantages, icepop_ppo_loss, mismatch_metrics
 from rlfleet.trainer.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
@@ -52,24 +55,19 @@ class _Mismatch:
     def add(self, mb: MicroBatch, logp_old: Tensor, scored: ResponseLogprobs) -> None:
         self.old.append(logp_old[mb.valid])
         self.infer.append(mb.logp_infer[mb.valid])
-        # The entropy metric is of the tokens IcePop masks (few): summing over the
-        # vocabulary at every token instead cost more than a tiny model's step.
-        k = train_inference_ratio(logp_old, mb.logp_infer)
-        masked = mb.valid & ~icepop_band(k, alpha=self.alpha, beta=self.beta)
-        entropy = torch.zeros_like(logp_old)
-        if bool(masked.any()):
-            entropy[masked] = token_entropy(scored.distribution(masked)).to(entropy.dtype)
-        self.entropy.append(entropy[mb.valid])
+        # The entropy metric is of the tokens IcePop masks (few): the pass computed the
+        # whole distribution there only (``entropy_band``).
+        self.entropy.append(scored.entropy[mb.valid].to(logp_old.dtype))
 
     def metrics(self) -> dict[str, float]:
         # On the training device, in the loss's dtype: the masked counts are then
         # decided on bit-identical k values (a CPU copy could round k differently).
+        flat = [torch.cat(x) for x in (self.old, self.infer, self.entropy)]
+        if ranks().world > 1:  # every rank's tokens (the metrics are order-free)
+            gathered = gather_objects([t.cpu() for t in flat])
+            flat = [torch.cat([g[i] for g in gathered]) for i in range(3)]
         return mismatch_metrics(
-            logp_old=torch.cat(self.old),
-            logp_infer=torch.cat(self.infer),
-            entropy=torch.cat(self.entropy),
-            alpha=self.alpha,
-            beta=self.beta,
+            logp_old=flat[0], logp_infer=flat[1], entropy=flat[2], alpha=self.alpha, beta=self.beta
         )
 
 
@@ -111,21 +109,33 @@ def grpo_update(
                               max_tokens=alg.max_tokens_per_micro_batch)  # fmt: skip
         return [(mb.to(device), [rows[r] for r in mb.rows]) for mb in split]
 
-    def logprobs(m: torch.nn.Module, mb: MicroBatch) -> ResponseLogprobs:
+    def logprobs(m: torch.nn.Module, mb: MicroBatch, *, band: bool = False) -> ResponseLogprobs:
         return response_logprobs(m, mb, temperature=temperature,
                                  chunk_tokens=alg.logprob_chunk_tokens,
-                                 compute_dtype=getattr(torch, spec.model.dtype))  # fmt: skip
+                                 compute_dtype=getattr(torch, spec.model.dtype),
+                                 entropy_band=(corr.alpha, corr.beta) if band else None)  # fmt: skip
+
+    # Several ranks: each trains on its share of every part (distributed.py).
+    here = ranks()
+    filler = batches([0])[0]
+
+    def my_batches(rows: list[int]) -> list[tuple[tuple[MicroBatch, list[int]], float]]:
+        return matched(batches(here.share(rows)) if here.share(rows) else [], filler=filler)
 
     mismatch = _Mismatch(alpha=corr.alpha, beta=corr.beta)
     old_rows: dict[int, Tensor] | None = None
     if per_step > 1:  # θ moves between updates: logp_old from a pass of its own, first
-        old_rows = {}
+        mine: dict[int, Tensor] = {}
         with torch.no_grad():
-            for mb, rows in batches(list(range(len(samples)))):
-                scored = logprobs(model, mb)
-                mismatch.add(mb, scored.logp, scored)
-                for b, i in enumerate(rows):
-                    old_rows[i] = scored.logp[b, : len(samples[i].completion_ids)]
+            for (mb, rows), weight in my_batches(list(range(len(samples)))):
+                scored = logprobs(model, mb, band=True)
+                if weight:
+                    mismatch.add(mb, scored.logp, scored)
+                    for b, i in enumerate(rows):
+                        mine[i] = scored.logp[b, : len(samples[i].completion_ids)]
+        old_rows = {}
+        for share in gather_objects({i: t.cpu() for i, t in mine.items()}):
+            old_rows.update({i: t.to(device) for i, t in share.items()})
 
     loss = policy = kl = 0.0
     clipped = visited = skipped = 0
@@ -137,11 +147,12 @@ def grpo_update(
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        for mb, rows in batches(part):
-            scored = logprobs(model, mb)
+        for (mb, rows), weight in my_batches(part):
+            scored = logprobs(model, mb, band=old_rows is None)
             if old_rows is None:
                 logp_old = scored.logp.detach()
-                mismatch.add(mb, logp_old, scored)
+                if weight:
+                    mismatch.add(mb, logp_old, scored)
             else:
                 logp_old = torch.zeros_like(scored.logp)
                 for b, i in enumerate(rows):
@@ -158,13 +169,15 @@ def grpo_update(
                 clip_eps=alg.clip_eps, kind=corr.kind, alpha=corr.alpha, beta=corr.beta,
                 cap=corr.tis_cap, kl_coef=alg.kl_coef, logp_ref=logp_ref,
             )  # fmt: skip
-            out.loss.backward()
-            loss += float(out.loss.detach()) / len(parts)
-            policy += float(out.policy_loss) / len(parts)
-            kl += float(out.kl) / len(parts)
-            clipped += int(out.clipped_tokens)
-            visited += int(mb.valid.sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm))
+            (out.loss * (weight * here.world)).backward()  # FSDP2 averages over ranks
+            if weight:
+                loss += float(out.loss.detach()) / len(parts)
+                policy += float(out.policy_loss) / len(parts)
+                kl += float(out.kl) / len(parts)
+                clipped += int(out.clipped_tokens)
+                visited += int(mb.valid.sum())
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm)
+        grad_norm = grad_norm_value(norm)
         if math.isfinite(grad_norm):
             optimizer.step()
         else:  # a NaN/inf gradient would poison the weights; keep them instead
@@ -172,6 +185,11 @@ def grpo_update(
             logger.warning("non-finite gradient norm; optimizer update skipped")
         optimizer.zero_grad(set_to_none=True)
 
+    totals = sum_over_ranks(
+        {"loss": loss, "policy": policy, "kl": kl, "clipped": clipped, "visited": visited}
+    )
+    loss, policy, kl = totals["loss"], totals["policy"], totals["kl"]
+    clipped, visited = totals["clipped"], totals["visited"]
     lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float64)
     return {
         "loss": loss,

@@ -30,36 +30,11 @@ from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer import metrics as prom
 from rlfleet.trainer.batching import to_train_sample
 from rlfleet.trainer.checkpoint import CheckpointStore
-from rlfleet.trainer.checkpointing import enable_activation_checkpointing
-from rlfleet.trainer.grpo import grpo_update
+from rlfleet.trainer.engine import PolicyEngine, RankMirror, pick_device
 from rlfleet.trainer.publish import WeightPublisher
-from rlfleet.trainer.sft import sft_update
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(kind: str = "auto") -> torch.device:
-    if kind == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(kind)
-
-
-def load_causal_lm(path: str | Path, *, dtype: str, device: torch.device) -> torch.nn.Module:
-    """A Hugging Face causal LM in training mode minus dropout (see ``JobTrainer``)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    model.config.use_cache = False
-    # eval(): dropout off. Rollout engines sample without dropout, and the θ_old
-    # pass and the θ pass must see the same function for r = p_θ / p_θold to mean
-    # anything; gradients flow the same in eval mode.
-    # Several GPUs: this is where the model would be wrapped in torch.distributed
-    # FSDP (fully_shard per decoder layer, then the root) after init_process_group,
-    # with the optimizer built over the sharded parameters and state_dict /
-    # checkpoint calls going through torch.distributed.checkpoint. Not implemented:
-    # this trainer runs one process on one device.
-    return model.to(device).eval()
 
 
 class JobTrainer:
@@ -78,6 +53,7 @@ class JobTrainer:
         read_timeout_s: float = 60.0,
         reclaim_idle_s: float = 60.0,
         device: torch.device | None = None,
+        mirror: RankMirror | None = None,
     ):
         self.job_id = job_id
         self.spec = spec
@@ -89,11 +65,11 @@ class JobTrainer:
         self.read_timeout_s = read_timeout_s
         self.reclaim_idle_s = reclaim_idle_s
         self.device = device or pick_device()
+        # The policy lives in an engine on every trainer rank; this rank (0) drives them.
+        self.mirror = mirror or RankMirror(device=self.device)
+        self.engine: PolicyEngine | None = None
         self.version = 0
         self.last_step = -1
-        self.model: torch.nn.Module | None = None
-        self.ref_model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self._unpublished: StepResult | None = None
         self._lock = threading.Lock()
 
@@ -109,33 +85,25 @@ class JobTrainer:
             self.checkpoints.remove_partial()
             latest = self.checkpoints.latest()
             source = latest.path if latest else Path(self.spec.model.path)
-            precision = self.spec.model
-            self.model = load_causal_lm(source, dtype=precision.master_dtype, device=self.device)
-            if precision.master_dtype != "float32":
+            if self.spec.model.master_dtype != "float32":
                 logger.warning(
                     "model.master_dtype is %s: AdamW updates weights in low precision, and "
                     "updates below half an ulp round away (float32 masters avoid this)",
-                    precision.master_dtype,
+                    self.spec.model.master_dtype,
                     extra={"job_id": self.job_id},
                 )
-            alg = self.spec.algorithm
-            if alg.activation_checkpointing:
-                try:
-                    enable_activation_checkpointing(self.model)
-                except ValueError as exc:
-                    raise InvalidArgument(str(exc)) from None
-            self.optimizer = torch.optim.AdamW(
-                self.model.parameters(),
-                lr=alg.lr,
-                betas=tuple(alg.betas),
-                weight_decay=alg.weight_decay,
-            )
-            if alg.kl_coef > 0:
-                self.ref_model = load_causal_lm(
-                    self.spec.model.path, dtype=self.spec.model.dtype, device=self.device
-                ).requires_grad_(False)
+            self.mirror.create(self.job_id, self.spec)
+            try:
+                self.mirror.call(self.job_id, "load", str(source))
+            except ValueError as exc:  # e.g. activation checkpointing on a model without layers
+                raise InvalidArgument(str(exc)) from None
+            self.engine = self.mirror.engines[self.job_id]
             if latest is not None:
-                self.checkpoints.load_optimizer(latest, self.optimizer, device=self.device)
+                optimizer_state = self.checkpoints.optimizer_state(latest)
+                if optimizer_state is not None:
+                    self.mirror.call(
+                        self.job_id, "load_optimizer_state", main_only=(optimizer_state,)
+                    )
                 self.version, self.last_step = latest.version, latest.step
             restored = self._catch_up_from_weightsync()
             if not restored:  # weight-sync already holds what it handed us
@@ -175,7 +143,7 @@ class JobTrainer:
                 f"holds version {self.version} and weight-sync no longer has version {target}; "
                 "the job cannot resume (set checkpoint.every_steps to checkpoint more often)"
             )
-        self.model.load_state_dict(state, strict=True)
+        self.mirror.call(self.job_id, "load_weights", main_only=(state,))
         logger.warning(
             "resumed from weights held by weight-sync; optimizer moments are older",
             extra={"job_id": self.job_id, "version": target, "checkpoint_version": self.version},
@@ -185,7 +153,7 @@ class JobTrainer:
 
     def _publish_resumed(self, source: Path) -> None:
         try:
-            self.publisher.publish(job_id=self.job_id, version=self.version, model=self.model)
+            self._publish(self.version)
         except FailedPrecondition as exc:
             raise FailedPrecondition(
                 f"job {self.job_id} resumed at version {self.version} from {source}, but "
@@ -211,7 +179,7 @@ class JobTrainer:
             if stored is not None:
                 self.buffer.ack(self.job_id, stored.entry_ids)
                 return stored
-            if self.model is None:
+            if self.engine is None:
                 raise FailedPrecondition(
                     f"job {self.job_id} is not initialised; call InitJob first"
                 )
@@ -237,19 +205,9 @@ class JobTrainer:
         if previous is not None:  # an earlier process stored it and died before the ack
             self.buffer.ack(self.job_id, previous.entry_ids)
         entries = self._take(num_samples, step=step)
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self.engine.vocab_size
         samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
-        update = sft_update if self.spec.algorithm.kind == "sft" else grpo_update
-        metrics = update(
-            self.model,
-            self.optimizer,
-            samples,
-            spec=self.spec,
-            step=step,
-            device=self.device,
-            pad_id=_pad_id(self.model),
-            ref_model=self.ref_model,
-        )
+        metrics = self.mirror.call(self.job_id, "update", samples, step)
         self.version, self.last_step = step + 1, step
         metrics["trainer_step_seconds"] = time.perf_counter() - start
         result = StepResult(
@@ -267,7 +225,7 @@ class JobTrainer:
         """Checkpoint (if due and missing), publish, store, acknowledge — safe to repeat."""
         if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
             self._checkpoint(result)
-        self.publisher.publish(job_id=self.job_id, version=result.version, model=self.model)
+        self._publish(result.version)
         self.store.put_result(self.job_id, result)
         self._unpublished = None
         self.buffer.ack(self.job_id, result.entry_ids)
@@ -325,6 +283,16 @@ class JobTrainer:
             )
         return list(taken.values())
 
+    def _publish(self, version: int) -> None:
+        """The whole weights, gathered from every rank, to weight-sync as ``version``."""
+        weights = self.mirror.call(self.job_id, "weights")
+        self.publisher.publish(job_id=self.job_id, version=version, weights=weights)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The causal LM (this rank's shards when there are several)."""
+        return self.engine.lm if self.engine is not None else None
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_due(self, step: int) -> bool:
         every = self.spec.checkpoint.every_steps
@@ -334,8 +302,9 @@ class JobTrainer:
         start = time.perf_counter()
         self.checkpoints.save(
             step=result.step,
-            model=self.model,
-            optimizer=self.optimizer,
+            model=self.engine.lm,
+            weights=self.mirror.call(self.job_id, "weights"),
+            optimizer_state=self.mirror.call(self.job_id, "optimizer_state"),
             tokenizer_dir=self.spec.model.path,
             state={
                 "job_id": self.job_id,
@@ -354,14 +323,3 @@ class JobTrainer:
                 "seconds": round(seconds, 3),
             },
         )
-
-
-def _pad_id(model: torch.nn.Module) -> int:
-    """Any valid token id works: padded positions are masked from attention and loss."""
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0

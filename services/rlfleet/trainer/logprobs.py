@@ -17,8 +17,8 @@ them, and peak memory has no V × T term: chunk × V plus the activations.
 Models whose head is not a plain projection (final-logit soft-capping, a logit
 scale) or whose body cannot be reached take the full-logits path, which gives the
 same numbers. The IcePop entropy metric needs the whole distribution, but only at
-the few tokens IcePop masks: ``ResponseLogprobs.distribution`` computes it for those
-rows from the gathered hidden states.
+the few tokens IcePop masks: with ``entropy_band`` the pass computes it at those rows
+from the gathered hidden states, inside the forward (where a sharded head is whole).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.checkpoint import checkpoint
 
 from rlfleet.trainer.batching import MicroBatch
+from rlfleet.trainer.losses import icepop_band, token_entropy, train_inference_ratio
 
 # Config attributes of heads that are more than W h + b (Gemma 2's soft-capping,
 # Cohere's logit scale): such models take the full-logits path.
@@ -75,24 +76,59 @@ def token_logprobs(head: torch.nn.Linear, hidden: Tensor, targets: Tensor, *,
 
 @dataclass
 class ResponseLogprobs:
-    """The response log-probs of a micro-batch, and a way back to whole distributions."""
-
     logp: Tensor
     """[B, T] fp32: log π(y_t | prefix), 0 on padding."""
-    head: torch.nn.Module | None = None
-    hidden: Tensor | None = None
-    """[B, T, H], detached: the body's output at the positions that score the response."""
-    logp_all: Tensor | None = None
-    """[B, T, V]: the full-logits path keeps them anyway."""
-    temperature: float = 1.0
+    entropy: Tensor | None = None
+    """[B, T]: H(π) at the tokens outside ``entropy_band`` (0 elsewhere), when asked."""
 
-    def distribution(self, where: Tensor) -> Tensor:
-        """log_softmax over the vocabulary at the positions ``where`` ([B, T] bool) → [n, V],
-        without gradient; for the few tokens a metric needs."""
-        if self.logp_all is not None:
-            return self.logp_all.detach()[where]
-        with torch.no_grad():
-            return torch.log_softmax(self.head(self.hidden[where]).float() / self.temperature, -1)
+
+class LogprobHead(torch.nn.Module):
+    """A causal LM whose forward returns response log-probs instead of logits.
+
+    Everything that touches the weights runs inside this module's forward, so when the
+    trainer is sharded this is the FSDP2 root (``distributed.shard_model``): its hooks
+    gather the embedding, final norm and head, and reduce their gradients."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: MicroBatch, *, temperature: float, chunk_tokens: int,
+                entropy_band: tuple[float, float] | None) -> ResponseLogprobs:  # fmt: skip
+        if not chunkable(self.lm):
+            return _full_logits_logprobs(self.lm, batch, temperature=temperature,
+                                         entropy_band=entropy_band)  # fmt: skip
+        out = self.lm.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+        hidden = out.last_hidden_state  # [B, L, H]
+        index = batch.score_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+        at_scores = torch.gather(hidden, 1, index)  # [B, T, H]: the logit rows that are needed
+        head = self.lm.get_output_embeddings()
+        flat = token_logprobs(
+            head,
+            at_scores[batch.valid],
+            batch.completion_ids[batch.valid],
+            temperature=temperature,
+            chunk_tokens=chunk_tokens,
+        )
+        logp = torch.zeros(batch.valid.shape, dtype=torch.float32, device=flat.device)
+        logp = logp.masked_scatter(batch.valid, flat)
+        entropy = None
+        if entropy_band is not None:
+            where = _outside(logp.detach(), batch, entropy_band)
+            entropy = torch.zeros_like(logp)
+            if bool(where.any()):
+                with torch.no_grad():
+                    rows = torch.log_softmax(head(at_scores[where]).float() / temperature, -1)
+                entropy[where] = token_entropy(rows)
+        return ResponseLogprobs(logp, entropy)
+
+
+def _outside(logp: Tensor, batch: MicroBatch, band: tuple[float, float]) -> Tensor:
+    """Response tokens whose k = p_train / p_infer falls outside [α, β] (IcePop masks them)."""
+    k = train_inference_ratio(logp, batch.logp_infer)
+    return batch.valid & ~icepop_band(k, alpha=band[0], beta=band[1])
 
 
 def response_logprobs(
@@ -102,45 +138,34 @@ def response_logprobs(
     temperature: float,
     chunk_tokens: int = 1024,
     compute_dtype: torch.dtype | None = None,
+    entropy_band: tuple[float, float] | None = None,
 ) -> ResponseLogprobs:
     """log π(y_t | prefix) at every response position (the module docstring says how).
 
+    ``model``: a causal LM, or a ``LogprobHead`` around one (the sharded trainer's root).
     ``compute_dtype`` (e.g. bfloat16 over fp32 weights) runs the forward under autocast;
-    the backward then follows the dtypes the forward chose, and the log-probs come back
-    in fp32 either way."""
-    if compute_dtype is None or compute_dtype == next(model.parameters()).dtype:
-        return _response_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
-    device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type=device_type, dtype=compute_dtype):
-        return _response_logprobs(model, batch, temperature=temperature, chunk_tokens=chunk_tokens)
-
-
-def _response_logprobs(
-    model: torch.nn.Module, batch: MicroBatch, *, temperature: float, chunk_tokens: int
-) -> ResponseLogprobs:
-    if not chunkable(model):
-        return _full_logits_logprobs(model, batch, temperature=temperature)
-    out = model.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    )
-    hidden = out.last_hidden_state  # [B, L, H]
-    index = batch.score_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
-    at_scores = torch.gather(hidden, 1, index)  # [B, T, H]: the logit rows that are needed
-    head = model.get_output_embeddings()
-    flat = token_logprobs(
-        head,
-        at_scores[batch.valid],
-        batch.completion_ids[batch.valid],
-        temperature=temperature,
-        chunk_tokens=chunk_tokens,
-    )
-    logp = torch.zeros(batch.valid.shape, dtype=torch.float32, device=flat.device)
-    logp = logp.masked_scatter(batch.valid, flat)
-    return ResponseLogprobs(logp, head=head, hidden=at_scores.detach(), temperature=temperature)
+    the backward follows the dtypes the forward chose, and the log-probs come back in
+    fp32 either way. ``entropy_band`` (α, β): also the entropy at the tokens IcePop
+    masks, computed from the whole distribution at those few tokens only."""
+    runner = model if isinstance(model, LogprobHead) else LogprobHead(model)
+    kwargs = {
+        "temperature": temperature,
+        "chunk_tokens": chunk_tokens,
+        "entropy_band": entropy_band,
+    }
+    params = next(model.parameters())
+    if compute_dtype is None or compute_dtype == params.dtype:
+        return runner(batch, **kwargs)
+    with torch.autocast(device_type=params.device.type, dtype=compute_dtype):
+        return runner(batch, **kwargs)
 
 
 def _full_logits_logprobs(
-    model: torch.nn.Module, batch: MicroBatch, *, temperature: float
+    model: torch.nn.Module,
+    batch: MicroBatch,
+    *,
+    temperature: float,
+    entropy_band: tuple[float, float] | None = None,
 ) -> ResponseLogprobs:
     """The plain path: the model's own logits, gathered at the response positions."""
     logits = model(
@@ -150,4 +175,9 @@ def _full_logits_logprobs(
     logp_all = torch.log_softmax(torch.gather(logits, 1, index).float() / temperature, dim=-1)
     logp = torch.gather(logp_all, -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(batch.valid, logp, torch.zeros_like(logp))
-    return ResponseLogprobs(logp, logp_all=logp_all, temperature=temperature)
+    entropy = None
+    if entropy_band is not None:
+        where = _outside(logp.detach(), batch, entropy_band)
+        entropy = torch.zeros_like(logp)
+        entropy[where] = token_entropy(logp_all.detach()[where])
+    return ResponseLogprobs(logp, entropy)

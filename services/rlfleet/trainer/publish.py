@@ -4,7 +4,7 @@ The trainer encodes its state dict once (``rlfleet.common.weights``) and
 pushes it with ``WeightSyncClient``: over weight-sync's data plane, or in
 chunks through ``WeightSyncService.PushVersion`` where there is none.
 Weight-sync verifies the checksum before anything serves the version. The
-payload holds every key of ``model.state_dict()`` under its Hugging Face name;
+payload holds every key of the model's state dict under its Hugging Face name;
 tensors the model ties together (e.g. ``lm_head.weight`` and the input
 embeddings) are written once per key, so any loader — strict
 ``load_state_dict`` or vLLM's ``load_weights`` — finds what it expects.
@@ -31,11 +31,11 @@ from rlfleet.common.weightsync_client import WeightSyncClient
 logger = logging.getLogger(__name__)
 
 
-def exportable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with tied tensors copied apart (safetensors refuses shared storage)."""
+def exportable_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with tied tensors copied apart (safetensors refuses shared storage)."""
     seen: set[tuple[int, int]] = set()
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         t = tensor.detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         out[name] = t.clone() if key in seen else t
@@ -47,7 +47,7 @@ class WeightPublisher(abc.ABC):
     """Where a new policy version goes once the optimizer step is done."""
 
     @abc.abstractmethod
-    def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
+    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
         """Publishes ``model``'s weights as ``version`` of ``job_id``; returns the checksum."""
 
     @abc.abstractmethod
@@ -61,7 +61,7 @@ class WeightPublisher(abc.ABC):
 class NoPublisher(WeightPublisher):
     """Weight-sync disabled: versions are computed and reported, never sent."""
 
-    def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
+    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
         logger.info(
             "no weight-sync configured; version not published",
             extra={"job_id": job_id, "version": version},
@@ -93,8 +93,8 @@ class GrpcWeightPublisher(WeightPublisher):
             max_message_mb=max_message_mb,
         )
 
-    def publish(self, *, job_id: str, version: int, model: torch.nn.Module) -> str:
-        payload = encode_state_dict_into(exportable_state_dict(model), self.buffers.take)
+    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
+        payload = encode_state_dict_into(exportable_state_dict(weights), self.buffers.take)
         try:
             checksum = checksum_of(payload)
             held = self.client.push(

@@ -15,7 +15,8 @@ import math
 import torch
 
 from rlfleet.common.jobspec import JobSpec
-from rlfleet.trainer.batching import TrainSample, micro_batches
+from rlfleet.trainer.batching import MicroBatch, TrainSample, micro_batches
+from rlfleet.trainer.distributed import grad_norm_value, matched, ranks, sum_over_ranks
 from rlfleet.trainer.logprobs import response_logprobs
 from rlfleet.trainer.losses import sft_nll_sum
 from rlfleet.trainer.schedule import learning_rate
@@ -44,20 +45,25 @@ def sft_update(
     zeros = torch.zeros(len(samples))
     optimizer.zero_grad(set_to_none=True)
     nll = 0.0
-    batches = micro_batches(
-        samples, zeros, size=alg.micro_batch_size, pad_id=pad_id,
-        max_tokens=alg.max_tokens_per_micro_batch,
-    )  # fmt: skip
-    for mb in batches:
+    here = ranks()  # several ranks: each its share, gradients summed (distributed.py)
+    mine = here.share(samples)
+
+    def split(rows: list[TrainSample]) -> list[MicroBatch]:
+        return micro_batches(rows, zeros[: len(rows)], size=alg.micro_batch_size,
+                             pad_id=pad_id, max_tokens=alg.max_tokens_per_micro_batch)  # fmt: skip
+
+    for mb, weight in matched(split(mine) if mine else [], filler=split(samples[:1])[0]):
         mb = mb.to(device)
         logp = response_logprobs(
             model, mb, temperature=1.0, chunk_tokens=alg.logprob_chunk_tokens,
             compute_dtype=getattr(torch, spec.model.dtype),
         ).logp  # fmt: skip
         loss = sft_nll_sum(logp, mb.valid) / tokens
-        loss.backward()
-        nll += float(loss.detach())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm))
+        (loss * (weight * here.world)).backward()  # FSDP2 averages over ranks
+        nll += float(loss.detach()) * weight
+    nll = sum_over_ranks({"nll": nll})["nll"]
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), alg.max_grad_norm)
+    grad_norm = grad_norm_value(norm)
     skipped = not math.isfinite(grad_norm)
     if not skipped:  # a NaN/inf gradient would poison the weights; keep them instead
         optimizer.step()

@@ -12,7 +12,6 @@ from rlfleet.trainer.batching import (
     to_train_sample,
 )
 from rlfleet.trainer.logprobs import response_logprobs
-from rlfleet.trainer.losses import token_entropy
 from rlfleet.v1.common_pb2 import Sample
 
 
@@ -78,10 +77,10 @@ def test_padded_logprobs_equal_single_sequence_logprobs(model):
     assert sorted(r for mb in batches for r in mb.rows) == [0, 1, 2, 3]
     with torch.no_grad():
         for mb in batches:
-            scored = response_logprobs(model, mb, temperature=temperature, chunk_tokens=2)
-            logp = scored.logp
-            entropy = torch.zeros_like(logp)
-            entropy[mb.valid] = token_entropy(scored.distribution(mb.valid))
+            # A band no k reaches: the entropy at every response token.
+            scored = response_logprobs(model, mb, temperature=temperature, chunk_tokens=2,
+                                       entropy_band=(1e9, 1e9))  # fmt: skip
+            logp, entropy = scored.logp, scored.entropy
             for b, row in enumerate(mb.rows):
                 s = samples[row]
                 ids = torch.tensor([list(s.prompt_ids + s.completion_ids)])

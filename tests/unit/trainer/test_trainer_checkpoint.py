@@ -30,7 +30,12 @@ def test_checkpoints_load_with_transformers_and_are_pruned(tmp_path, tiny_model_
     store = CheckpointStore(tmp_path, "job-1", keep=2)
     for step in range(3):
         path = store.save(
-            step=step, model=model, optimizer=opt, tokenizer_dir=tiny_model_dir, state={"x": step}
+            step=step,
+            model=model,
+            weights=model.state_dict(),
+            optimizer_state=opt.state_dict(),
+            tokenizer_dir=tiny_model_dir,
+            state={"x": step},
         )
         assert path == tmp_path / "job-1" / f"step-{step}"
     assert [c.step for c in store.checkpoints()] == [1, 2]
@@ -44,25 +49,31 @@ def test_checkpoints_load_with_transformers_and_are_pruned(tmp_path, tiny_model_
     tok = AutoTokenizer.from_pretrained(latest.path)
     assert tok.encode("1 + 2", add_special_tokens=False)
 
-    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
-    assert store.load_optimizer(latest, fresh, device=torch.device("cpu"))
     saved_state = opt.state_dict()["state"]
-    for key, value in fresh.state_dict()["state"].items():
+    for key, value in store.optimizer_state(latest)["state"].items():
         assert torch.equal(value["exp_avg"], saved_state[key]["exp_avg"])
 
 
 def test_half_written_checkpoints_never_look_complete(tmp_path, tiny_model_dir, model_and_opt):
     model, opt = model_and_opt
     store = CheckpointStore(tmp_path, "job-2", keep=3)
-    store.save(step=0, model=model, optimizer=opt, tokenizer_dir=tiny_model_dir, state={})
+    store.save(
+        step=0,
+        model=model,
+        weights=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        tokenizer_dir=tiny_model_dir,
+        state={},
+    )
 
-    class Exploding(torch.optim.AdamW):
-        def state_dict(self):
+    class Exploding:  # fails while the optimizer state is being written
+        def __reduce__(self):
             raise OSError("disk full")
 
-    boom = Exploding(model.parameters(), lr=1e-3)
     with pytest.raises(OSError):
-        store.save(step=1, model=model, optimizer=boom, tokenizer_dir=tiny_model_dir, state={})
+        store.save(step=1, model=model, weights=model.state_dict(),
+                   optimizer_state={"state": Exploding()}, tokenizer_dir=tiny_model_dir,
+                   state={})  # fmt: skip
     assert not (store.dir / "step-1").exists()
     assert [c.step for c in store.checkpoints()] == [0]
 
@@ -78,7 +89,21 @@ def test_half_written_checkpoints_never_look_complete(tmp_path, tiny_model_dir, 
 def test_saving_the_same_step_again_replaces_it(tmp_path, tiny_model_dir, model_and_opt):
     model, opt = model_and_opt
     store = CheckpointStore(tmp_path, "job-3", keep=2)
-    store.save(step=4, model=model, optimizer=opt, tokenizer_dir=tiny_model_dir, state={"n": 1})
-    store.save(step=4, model=model, optimizer=opt, tokenizer_dir=tiny_model_dir, state={"n": 2})
+    store.save(
+        step=4,
+        model=model,
+        weights=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        tokenizer_dir=tiny_model_dir,
+        state={"n": 1},
+    )
+    store.save(
+        step=4,
+        model=model,
+        weights=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        tokenizer_dir=tiny_model_dir,
+        state={"n": 2},
+    )
     assert [(c.step, c.state["n"]) for c in store.checkpoints()] == [(4, 2)]
     assert sorted(p.name for p in store.dir.iterdir()) == ["step-4"]

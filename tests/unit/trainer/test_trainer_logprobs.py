@@ -44,10 +44,12 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits(model, chunk):
     assert want.keys() == got.keys()
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-5), name
-    # Whole distributions at a few positions, for the entropy metric.
-    where = mb.valid.clone()
-    where[:, 1:] = False
-    assert torch.allclose(chunked.distribution(where), full.distribution(where), atol=1e-5)
+    # The entropy at the tokens outside a band, from whole distributions there only.
+    band = (0.9, 1.1)
+    full = _full_logits_logprobs(model, mb, temperature=0.7, entropy_band=band)
+    chunked = response_logprobs(model, mb, temperature=0.7, chunk_tokens=chunk, entropy_band=band)
+    assert bool((full.entropy > 0).any())
+    assert torch.allclose(chunked.entropy, full.entropy, atol=1e-5)
 
 
 def test_a_head_that_is_not_a_plain_projection_takes_the_full_logits_path(model):
@@ -55,7 +57,8 @@ def test_a_head_that_is_not_a_plain_projection_takes_the_full_logits_path(model)
     capped.config.final_logit_softcapping = 30.0
     assert not chunkable(capped)
     [mb] = micro_batches(_samples(2), torch.zeros(2), size=8, pad_id=0)
-    assert response_logprobs(capped, mb, temperature=1.0).logp_all is not None
+    full = _full_logits_logprobs(capped, mb, temperature=1.0)
+    assert torch.equal(response_logprobs(capped, mb, temperature=1.0).logp, full.logp)
 
 
 def test_a_token_budget_bounds_each_micro_batch_and_the_gradient_stays_the_steps(model):

@@ -1,0 +1,207 @@
+"""One job's policy on one trainer rank, and how rank 0 drives the others.
+
+``PolicyEngine`` is rank-agnostic: the model (a ``LogprobHead`` around the causal LM,
+FSDP2-sharded when there are several ranks), the optimizer, the reference model,
+the update, and the weights and optimizer state as whole (gathered) dicts for
+publishing and checkpoints. Every method is a collective: all ranks call it together.
+
+``RankMirror`` makes that so. Rank 0 serves the gRPC API, reads the buffer and keeps
+the books (``job.py``); each engine call it makes is first broadcast, as (job,
+method, arguments), to the other ranks, which run nothing but ``RankMirror.serve``:
+receive a call, run the same method on their own engine, repeat. Arguments only
+rank 0 has (a state dict to load) are passed as ``main_only`` and reach the others
+as None; the method broadcasts their tensors itself. With one rank there is no
+process group and the mirror is a plain call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlfleet.common.jobspec import JobSpec
+from rlfleet.trainer.batching import TrainSample
+from rlfleet.trainer.checkpointing import enable_activation_checkpointing
+from rlfleet.trainer.distributed import Ranks, ranks, shard_model
+from rlfleet.trainer.grpo import grpo_update
+from rlfleet.trainer.logprobs import LogprobHead
+from rlfleet.trainer.sft import sft_update
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(kind: str = "auto") -> torch.device:
+    """This rank's device: its own GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and ranks().world > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
+def load_causal_lm(path: str | Path, *, dtype: str, device: torch.device) -> torch.nn.Module:
+    """A Hugging Face causal LM in eval mode (no dropout: the θ and θ_old passes must see
+    one function; gradients flow the same in eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+
+
+class PolicyEngine:
+    """Model, optimizer and updates of one job on this rank (collective methods)."""
+
+    def __init__(self, spec: JobSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.root: torch.nn.Module | None = None
+        self.ref: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def lm(self) -> torch.nn.Module:
+        return self.root.lm
+
+    def load(self, source: str) -> None:
+        """The policy from ``source`` (a model or checkpoint directory), sharded when there
+        are several ranks; a fresh AdamW over this rank's shards."""
+        model, alg = self.spec.model, self.spec.algorithm
+        compute = getattr(torch, model.dtype)
+        lm = load_causal_lm(source, dtype=model.master_dtype, device=self.device)
+        if alg.activation_checkpointing:
+            enable_activation_checkpointing(lm)
+        sharded = ranks().world > 1
+        self.root = shard_model(lm, compute_dtype=compute) if sharded else LogprobHead(lm)
+        self.optimizer = torch.optim.AdamW(
+            self.root.parameters(), lr=alg.lr, betas=tuple(alg.betas),
+            weight_decay=alg.weight_decay,
+        )  # fmt: skip
+        if alg.kl_coef > 0:  # the reference: the base weights, sharded the same way
+            ref = load_causal_lm(model.path, dtype=model.dtype, device=self.device)
+            ref.requires_grad_(False)
+            self.ref = shard_model(ref) if sharded else LogprobHead(ref)
+
+    def update(self, samples: list[TrainSample], step: int) -> dict[str, float]:
+        """The step's optimizer update(s) (``grpo.py`` or ``sft.py``); metrics on every rank."""
+        update = sft_update if self.spec.algorithm.kind == "sft" else grpo_update
+        return update(self.root, self.optimizer, samples, spec=self.spec, step=step,
+                      device=self.device, pad_id=self.pad_id, ref_model=self.ref)  # fmt: skip
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.get_input_embeddings().num_embeddings
+
+    @property
+    def pad_id(self) -> int:
+        """Any valid token id works: padded positions are masked from attention and loss."""
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(self.lm.config, name, None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and value >= 0:
+                return value
+        return 0
+
+    # -- whole dicts, gathered on rank 0 (collectives) -----------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The causal LM's weights under its own names, on CPU (rank 0; others: empty)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if ranks().world == 1:
+            return self.lm.state_dict()
+        state = get_model_state_dict(self.root, options=_state_options())
+        return {k.removeprefix("lm."): v for k, v in state.items()}
+
+    def load_weights(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Whole weights (rank 0 passes them; the others None) into every rank's shards."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        if ranks().world == 1:
+            self.lm.load_state_dict(state, strict=True)
+            return
+        named = {f"lm.{k}": v for k, v in (state or {}).items()}
+        set_model_state_dict(self.root, named, options=_state_options(broadcast_from_rank0=True))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state keyed by parameter names, whole, on CPU: the same file whatever the
+        rank count, so a job resumes on more or fewer ranks (rank 0; others: empty)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.root, self.optimizer, options=_state_options())
+
+    def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if ranks().world == 1 and state and any(isinstance(k, int) for k in state.get("state", {})):
+            # Written by a trainer before ranks existed: keyed by parameter position.
+            self.optimizer.load_state_dict(state)
+            return
+        options = _state_options(broadcast_from_rank0=ranks().world > 1)
+        set_optimizer_state_dict(self.root, self.optimizer, state or {}, options=options)
+
+
+class RankMirror:
+    """Runs engine methods on every rank: rank 0 calls, the others ``serve``."""
+
+    def __init__(self, *, device: torch.device):
+        self.device = device
+        self.here: Ranks = ranks()
+        self.engines: dict[str, PolicyEngine] = {}
+        self._lock = threading.Lock()  # one collective at a time from rank 0's threads
+
+    def create(self, job_id: str, spec: JobSpec) -> None:
+        self.call(job_id, "_create", spec.model_dump_json())
+
+    def call(self, job_id: str, method: str, *args: Any, main_only: tuple = ()) -> Any:
+        """``engine.method(*args, *main_only)`` on every rank; rank 0's result."""
+        with self._lock:
+            if self.here.world > 1:
+                message = [(job_id, method, args, len(main_only))]
+                dist.broadcast_object_list(message, src=0)
+            return self._run(job_id, method, (*args, *main_only))
+
+    def _run(self, job_id: str, method: str, args: tuple) -> Any:
+        if method == "_create":
+            self.engines[job_id] = PolicyEngine(JobSpec.model_validate_json(args[0]), self.device)
+            return None
+        if method == "_drop":
+            self.engines.pop(job_id, None)
+            return None
+        return getattr(self.engines[job_id], method)(*args)
+
+    def drop(self, job_id: str) -> None:
+        self.call(job_id, "_drop")
+
+    def stop(self) -> None:
+        """Tells the other ranks to leave ``serve`` (rank 0, at shutdown)."""
+        if self.here.world > 1:
+            with self._lock:
+                try:
+                    dist.broadcast_object_list([("", "_exit", (), 0)], src=0)
+                except RuntimeError:  # the others went first (a signal to the whole group)
+                    logger.info("trainer ranks already stopped")
+
+    def serve(self) -> None:
+        """The loop of a rank other than 0: run what rank 0 runs, until it says stop."""
+        while True:
+            message: list[Any] = [None]
+            dist.broadcast_object_list(message, src=0)
+            job_id, method, args, main_only = message[0]
+            if method == "_exit":
+                return
+            try:
+                self._run(job_id, method, (*args, *(None,) * main_only))
+            except Exception:  # noqa: BLE001 - rank 0 sees the same error and reports it
+                logger.exception("rank %d: %s of job %s failed", self.here.rank, method, job_id)
