@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from rlfleet.cli.fleet import Fleet, FleetOptions
 from rlfleet.common.grpc_client import call, make_channel
 from rlfleet.v1 import rollout_pb2, rollout_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -155,3 +156,50 @@ def test_dead_and_hung_replicas_hand_over_and_rejoin(fleet, tiny_model_dir):
                 scheduler_pb2.CancelJobRequest(job_id=job_id), timeout=30
             )
         client.close()
+
+
+def _worker_ranks(trainer_pid: int) -> list[int]:
+    """The trainer's worker ranks: the processes it started (Linux /proc)."""
+    children = Path(f"/proc/{trainer_pid}/task/{trainer_pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+def test_kill_9_of_one_trainer_rank_mid_step_the_job_resumes_with_exact_books(
+    tmp_path, tiny_model_dir
+):
+    """Two trainer ranks (FSDP2 over gloo): rank 1 is killed while the step's samples are
+    read and unacknowledged. Rank 0's next collective fails, it exits (the process group
+    cannot be mended), it is restarted (here by the test, as `rlfleet up` or Kubernetes
+    would), joins two fresh ranks and resumes; the books stay exact."""
+    from chaos_driver import ChaosDriver
+
+    fleet = Fleet(FleetOptions(run_dir=tmp_path / "run", rollout_replicas=1, trainer_ranks=2,
+                               extra_env={"MKL_NUM_THREADS": "1"}, redis_password=PASSWORD))  # fmt: skip
+    fleet.start()
+    try:
+        client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
+        with make_channel(fleet.scheduler_address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            job = stub.SubmitJob(
+                scheduler_pb2.SubmitJobRequest(spec_json=_spec(tiny_model_dir, 12)), timeout=30
+            )
+        step = lambda: read_job(client, job.job_id)["current_step"]  # noqa: E731
+        _wait("the job has run two steps", lambda: step() >= 2)
+        trainer = fleet.procs["trainer"]
+        [worker] = _wait("the trainer's worker rank", lambda: _worker_ranks(trainer.pid))
+        # mid-step: the trainer has read the step's samples and not acknowledged them
+        ChaosDriver(fleet, client, job.job_id)._wait_for_work("trainer", "trainer")
+        killed_at = step()
+        os.kill(worker, signal.SIGKILL)
+        _wait("rank 0 leaves once its group is broken", lambda: not trainer.alive(), timeout=60)
+        assert "a trainer rank is gone" in trainer.log_path.read_text(errors="replace")
+        fleet.restart("trainer")
+        _wait("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
+              timeout=300)  # fmt: skip
+        assert read_job(client, job.job_id)["state"] == "succeeded"
+        assert killed_at < 12
+        books = account(client, job.job_id)
+        assert books.problems == [], "\n".join(books.lines())
+        client.close()
+    finally:
+        fleet.stop()

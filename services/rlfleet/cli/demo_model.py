@@ -117,21 +117,34 @@ def prepare_demo_model(
     """
     settings = dict(BUILD_SETTINGS if settings is None else settings)
     say = progress or (lambda msg: logger.info("%s", msg))
+    return build_cached(
+        cache_dir, f"demo-model-{settings_key(settings)}", MODEL_INFO_FILE,
+        lambda out: _build(out, settings, say), say=say, what="base model",
+    )  # fmt: skip
+
+
+def build_cached(
+    cache_dir: Path, name: str, info_file: str, build: Callable[[Path], None], *,
+    say: Progress, what: str,
+) -> Path:  # fmt: skip
+    """``cache_dir/name``, built by ``build(tmp)`` into a temporary directory that is renamed
+    into place (so an interrupted build never leaves a half-written model) unless a
+    finished one (with ``info_file``) is already there."""
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"demo-model-{settings_key(settings)}"
-    if (target / MODEL_INFO_FILE).is_file():
-        say(f"cached base model found ({target.name})")
+    target = cache_dir / name
+    if (target / info_file).is_file():
+        say(f"cached {what} found ({target.name})")
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-demo-model-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=cache_dir))
     try:
-        _build(tmp, settings, say)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
         try:
             tmp.rename(target)
         except OSError:
             # Another process finished the same build first: theirs is identical.
-            if not (target / MODEL_INFO_FILE).is_file():
+            if not (target / info_file).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from rlfleet.cli.demo_model import (
     TERSE_ANSWER,
     WORDY_ANSWER,
     Progress,
+    build_cached,
     settings_key,
 )
 
@@ -133,27 +133,16 @@ def prepare_demo_reward_model(
     base_model_dir = Path(base_model_dir).expanduser()
     files = _tokenizer_files(base_model_dir)
     settings["base_tokenizer"] = _tokenizer_digest(files)
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"demo-rm-{settings_key(settings)}"
-    if (target / RM_INFO_FILE).is_file():
-        say(f"cached reward model found ({target.name})")
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-demo-rm-", dir=cache_dir))
-    try:
+
+    def build(out: Path) -> None:
         for f in files:
-            shutil.copyfile(f, tmp / f.name)
-        _build(tmp, settings, say)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-        try:
-            tmp.rename(target)
-        except OSError:
-            # Another process finished the same build first: theirs is identical.
-            if not (target / RM_INFO_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            shutil.copyfile(f, out / f.name)
+        _build(out, settings, say)
+
+    return build_cached(
+        cache_dir, f"demo-rm-{settings_key(settings)}", RM_INFO_FILE, build, say=say,
+        what="reward model",
+    )  # fmt: skip
 
 
 def _pairs(s: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

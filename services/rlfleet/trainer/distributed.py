@@ -86,12 +86,6 @@ def shard_model(
     return root
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Σ over ranks of each value (one all-reduce)."""
     if ranks().world == 1:
@@ -125,19 +119,6 @@ def matched(batches: list[T], *, filler: T) -> list[tuple[T, float]]:
     rank in every forward and backward)."""
     count = most_over_ranks(len(batches))
     return [(b, 1.0) for b in batches] + [(filler, 0.0)] * (count - len(batches))
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on CPU, gathered from the shards (a collective: every
-    rank calls it; non-main ranks get an empty dict)."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    return {k.removeprefix("lm."): v for k, v in state.items()}  # the causal LM's own names
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:

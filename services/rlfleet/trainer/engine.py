@@ -17,6 +17,7 @@ process group and the mirror is a plain call.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,14 @@ class PolicyEngine:
         set_optimizer_state_dict(self.root, self.optimizer, state or {}, options=options)
 
 
+def _group_broken(exc: RuntimeError) -> bool:
+    """Whether a collective failed because a peer is gone (not a bug in the call)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        marker in text for marker in ("gloo", "Connection reset", "NCCL", "Connection closed")
+    )
+
+
 class RankMirror:
     """Runs engine methods on every rank: rank 0 calls, the others ``serve``."""
 
@@ -167,10 +176,19 @@ class RankMirror:
     def call(self, job_id: str, method: str, *args: Any, main_only: tuple = ()) -> Any:
         """``engine.method(*args, *main_only)`` on every rank; rank 0's result."""
         with self._lock:
-            if self.here.world > 1:
-                message = [(job_id, method, args, len(main_only))]
-                dist.broadcast_object_list(message, src=0)
-            return self._run(job_id, method, (*args, *main_only))
+            if self.here.world == 1:
+                return self._run(job_id, method, (*args, *main_only))
+            try:
+                dist.broadcast_object_list([(job_id, method, args, len(main_only))], src=0)
+                return self._run(job_id, method, (*args, *main_only))
+            except RuntimeError as exc:
+                if not _group_broken(exc):
+                    raise
+                # A rank died (kill -9, OOM): the process group cannot be mended. Leave,
+                # so the whole trainer restarts (its supervisor: `rlfleet up`, Kubernetes)
+                # and resumes; the step's samples stay pending and its result unstored.
+                logger.critical("a trainer rank is gone (%s); the trainer exits to restart", exc)
+                os._exit(75)
 
     def _run(self, job_id: str, method: str, args: tuple) -> Any:
         if method == "_create":
