@@ -107,6 +107,22 @@ def _parser() -> argparse.ArgumentParser:
     ckpts = sub.add_parser("checkpoints", help="list a job's Hugging Face checkpoints")
     ckpts.add_argument("job_id")
 
+    plan = sub.add_parser("plan", help="memory per trainer rank and rollout GPU: does a job fit?")
+    plan.add_argument("model", help="a model directory or its config.json (no weights read)")
+    plan.add_argument("--spec", type=Path, default=None, help="the job spec (TOML or JSON)")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    plan.add_argument("--trainer-gpus", type=int, default=0, help="default: half the GPUs")
+    plan.add_argument("--rollout-tp", type=int, default=1, help="rollout tensor-parallel size")
+    plan.add_argument("--prompt-tokens", type=int, default=512, help="longest prompt, in tokens")
+    plan.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory")
+    plan.add_argument(
+        "--attention", choices=("flash", "eager"), default="flash",
+        help="flash: no S^2 attention scores kept (GPUs); eager: kept (CPU)",
+    )  # fmt: skip
+    plan.add_argument("--json", type=Path, default=None, help="also write the verdict as JSON")
+
     token = sub.add_parser("token", help="make API tokens (for a scheduler with --auth token)")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="print a new token and the hash to store")
@@ -120,6 +136,35 @@ def _parser() -> argparse.ArgumentParser:
             name, help=f"run the {name} service (its flags: rlfleet {name} --help)", add_help=False
         )
     return p
+
+
+def _cmd_plan(args, console: Console) -> None:
+    from pydantic import ValidationError
+
+    from rlfleet.cli.jobs import load_spec
+    from rlfleet.cli.plan import model_facts, plan, render
+    from rlfleet.common.jobspec import JobSpec
+    from rlfleet.scheduler.core import describe_spec_error
+
+    raw = load_spec(args.spec) if args.spec else {}
+    raw["model"] = {**raw.get("model", {}), "path": str(args.model), "from_job": ""}
+    try:
+        spec = JobSpec.model_validate(raw)
+        for name in ("nodes", "gpus_per_node", "rollout_tp", "prompt_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        result = plan(model_facts(args.model), spec, nodes=args.nodes,
+                      gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib,
+                      trainer_gpus=args.trainer_gpus, rollout_tp=args.rollout_tp,
+                      prompt_tokens=args.prompt_tokens, headroom=args.headroom,
+                      attention=args.attention)  # fmt: skip
+    except ValidationError as exc:
+        raise SystemExit(f"error: {describe_spec_error(exc)}") from None
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    console.print(render(result), highlight=False, soft_wrap=True)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _cmd_up(args, console: Console, run_dir: Path) -> None:
@@ -232,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
             json_path=args.json,
             console=console,
         )
+        return
+    if args.command == "plan":
+        _cmd_plan(args, console)
         return
     if args.command == "token":
         from rlfleet.cli.tokens import cmd_token
