@@ -170,6 +170,9 @@ def _cmd_plan(args, console: Console) -> None:
 def _cmd_up(args, console: Console, run_dir: Path) -> None:
     from rlfleet.cli.fleet import Fleet, FleetOptions
 
+    if args.trainer_ranks < 1 or args.rollout_replicas < 0:
+        raise SystemExit("error: --trainer-ranks must be at least 1 and --rollout-replicas ≥ 0")
+
     fleet = Fleet(
         FleetOptions(
             run_dir=run_dir,
