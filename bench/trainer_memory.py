@@ -6,7 +6,8 @@ A 152K-vocabulary model (Qwen2.5's 152,064) with a tiny body, so the logits domi
 the way they do for a real model at long responses. Each (path, length) runs in its own
 process, which builds the model and the batch, then one forward + backward of the
 summed response log-probs (what a training micro-batch does); the figure is that
-process's peak resident memory during the pass over its resident memory just before.
+process's peak resident memory during the pass (the peak reset just before it, so
+building the model does not count) over its resident memory then.
 A third path, "activations", runs the body alone (no head): what any method must keep.
 The target: the chunked peak grows with length no faster than the activations do, i.e.
 no V × T term; ``logits_bytes_per_token_chunked`` is the chunked path's growth per token
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,7 +51,9 @@ def _child(path: str, length: int) -> None:
     ids = torch.randint(0, VOCAB, (PROMPT + length,)).tolist()
     sample = TrainSample("s", "g", tuple(ids[:PROMPT]), tuple(ids[PROMPT:]), (0.0,) * length, 0.0)
     batch = collate([sample], torch.zeros(1), [0], pad_id=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to now
+        f.write("5")
     start = time.perf_counter()
     if path == "activations":
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False)
@@ -61,8 +63,16 @@ def _child(path: str, length: int) -> None:
     else:
         response_logprobs(model, batch, temperature=1.0, chunk_tokens=CHUNK).logp.sum().backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     print(json.dumps({"peak_bytes": max(0, peak - before), "seconds": seconds}))
+
+
+def _status(field: str) -> int:
+    """A size from /proc/self/status, in bytes (VmRSS: now; VmHWM: the peak since reset)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _run(path: str, length: int) -> dict:

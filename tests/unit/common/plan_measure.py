@@ -1,5 +1,6 @@
-"""One trainer update on CPU for test_plan.py: prints its measured peak memory (RSS over
-the baseline before the update) beside what `rlfleet plan` predicts for it.
+"""One trainer update on CPU for test_plan.py: prints its measured peak memory (the peak
+resident size during the update, reset just before it, over the resident size then)
+beside what `rlfleet plan` predicts for it.
 
     plan_measure.py MODEL_OUT_DIR TOKENS_PER_SEQUENCE ACTIVATION_CHECKPOINTING(0|1)
 """
@@ -7,7 +8,6 @@ the baseline before the update) beside what `rlfleet plan` predicts for it.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import torch
@@ -18,6 +18,27 @@ from rlfleet.trainer.engine import PolicyEngine
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PARTS = ("gradients", "optimizer", "activations", "attention_scores", "logprobs")
+
+
+def _status(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def rss_peak() -> int:
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def main(out: str, tokens: int, checkpointing: bool) -> None:
@@ -38,9 +59,10 @@ def main(out: str, tokens: int, checkpointing: bool) -> None:
     samples = [TrainSample(f"s{i}", "g0", tuple(range(1, 17)),
                            tuple(torch.randint(1, 32000, (n,), generator=g).tolist()),
                            (-5.0,) * n, float(i)) for i in range(2)]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = rss_now()
+    reset_peak()  # earlier peaks (building, saving, loading the model) must not count
     engine.update(samples, 0)
-    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    measured = rss_peak() - before
     parts = trainer_parts(model_facts(out), spec, ranks=1, prompt_tokens=16, attention="eager")
     print(json.dumps({"measured": measured, "predicted": sum(parts[k] for k in PARTS)}))
 
