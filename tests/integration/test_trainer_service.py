@@ -178,8 +178,10 @@ def test_train_steps_publish_checkpoint_and_acknowledge(
     assert again == result
     assert torch.equal(core.jobs[job].model.state_dict()["lm_head.weight"], now["lm_head.weight"])
 
-    # every_steps = 1: a Hugging Face checkpoint per step, loadable by transformers
+    # every_steps = 1: a Hugging Face checkpoint per step, loadable by transformers,
+    # written off the step's critical path (the job's last step waits for its own)
     assert result.checkpoint_path == str(ckpt / job / "step-0")
+    core.jobs[job].wait_checkpoint()
     loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
     assert torch.equal(loaded.state_dict()["lm_head.weight"], now["lm_head.weight"])
     assert AutoTokenizer.from_pretrained(result.checkpoint_path).encode("3 + 4")
@@ -209,6 +211,7 @@ def test_train_steps_publish_checkpoint_and_acknowledge(
     again_restarted = _core(redis_url, ckpt, weightsync.address)
     assert again_restarted.train_step(job, 2, 6).version == 3
     assert _pull(weightsync.address, job)[0] == 3
+    again_restarted.jobs[job].wait_checkpoint()
     assert sorted(p.name for p in (ckpt / job).iterdir()) == ["step-1", "step-2"]  # keep = 2
     again_restarted.close()
 
@@ -227,8 +230,9 @@ def test_redis_lost_while_a_step_is_stored_the_repeat_trains_nothing_again(
     published: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     class CrashRedisAfterFirstStep(NoPublisher):
-        def publish(self, *, job_id: str, version: int, weights: dict) -> str:
-            published.append((version, {k: v.clone() for k, v in weights.items()}))
+        def publish(self, *, job_id: str, version: int, payload) -> str:
+            weights = decode_state_dict(bytes(payload))
+            published.append((version, weights))
             if len(published) == 2:  # version 0 at InitJob, then step 0's version 1
                 redis_proc.kill()
             return ""

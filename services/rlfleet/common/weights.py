@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -70,6 +71,68 @@ _SAFETENSORS_DTYPES = {
 _SAFETENSORS_NAMES = {attr: name for name, attr in _SAFETENSORS_DTYPES.items()}
 
 
+@dataclass(frozen=True)
+class PayloadLayout:
+    """Where each tensor of a payload goes, decided from names, shapes and dtypes alone.
+
+    So a payload can be filled tensor by tensor as the tensors become available: the
+    sharded trainer gathers its weights a bucket at a time straight into the payload
+    (``trainer/gather.py``) and never holds them whole twice. The layout is
+    safetensors' own (header padded to 8 bytes, larger dtypes first so every tensor is
+    aligned), and safetensors, transformers and vLLM read the payload as a file."""
+
+    head: bytes
+    slots: dict[str, tuple[int, int]]  # name -> (offset in the payload, bytes)
+    size: int
+
+    @classmethod
+    def of(cls, specs: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> PayloadLayout:
+        ordered = sorted(specs, key=lambda s: (-s[2].itemsize, s[0]))
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in ordered:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": _SAFETENSORS_NAMES[str(dtype).removeprefix("torch.")],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
+            offset += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        base = 8 + len(head)
+        slots = {
+            name: (
+                base + meta["data_offsets"][0],
+                meta["data_offsets"][1] - meta["data_offsets"][0],
+            )
+            for name, meta in header.items()
+            if name != "__metadata__"
+        }
+        return cls(head, slots, base + offset)
+
+    def names(self) -> list[str]:
+        """Tensor names in payload order."""
+        return list(self.slots)
+
+    def write_header(self, buf: Buffer) -> None:
+        view = memoryview(buf).cast("B")
+        struct.pack_into("<Q", view, 0, len(self.head))
+        view[8 : 8 + len(self.head)] = self.head
+
+    def write(self, buf: Buffer, name: str, tensor: torch.Tensor) -> None:
+        """Copies ``tensor`` (any device) into its slot: its one copy on the way."""
+        import torch
+
+        offset, n = self.slots[name]
+        if n != tensor.numel() * tensor.element_size():
+            raise ValueError(f"tensor {name} does not match its slot in the payload layout")
+        if n:
+            view = memoryview(buf).cast("B")
+            dst = torch.frombuffer(view, dtype=tensor.dtype, count=tensor.numel(), offset=offset)
+            dst.copy_(tensor.detach().reshape(-1))
+
+
 def encode_state_dict_into(
     state: dict[str, torch.Tensor], alloc: Callable[[int], Buffer]
 ) -> Buffer:
@@ -78,34 +141,12 @@ def encode_state_dict_into(
 
     The trainer publishes every step, and a fresh payload each time costs more than its
     transfer (``weight_transport.alloc_buffer``); given a pool's ``take``, steady-state
-    publishing touches no new memory. The layout is safetensors' own (header padded to
-    8 bytes, larger dtypes first so every tensor is aligned), and safetensors reads it.
-    """
-    import torch
-
-    tensors = sorted(state.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header, offset = {}, 0
-    for name, t in tensors:
-        n = t.numel() * t.element_size()
-        dtype = _SAFETENSORS_NAMES[str(t.dtype).removeprefix("torch.")]
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    buf = alloc(8 + len(head) + offset)
-    view = memoryview(buf).cast("B")
-    struct.pack_into("<Q", view, 0, len(head))
-    view[8 : 8 + len(head)] = head
-    base = 8 + len(head)
-    for name, t in tensors:
-        if t.numel():
-            begin = header[name]["data_offsets"][0]
-            dst = torch.frombuffer(view, dtype=t.dtype, count=t.numel(), offset=base + begin)
-            dst.copy_(t.detach().reshape(-1))
+    publishing touches no new memory."""
+    layout = PayloadLayout.of((k, v.shape, v.dtype) for k, v in state.items())
+    buf = alloc(layout.size)
+    layout.write_header(buf)
+    for name, t in state.items():
+        layout.write(buf, name, t)
     return buf
 
 

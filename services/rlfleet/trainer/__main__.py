@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         reclaim_idle_s=cfg.reclaim_idle_s,
         device=device,
         mirror=mirror,
+        gather_bucket_bytes=cfg.gather_bucket_mb * 1024 * 1024,
     )
 
     def register(server) -> None:

@@ -1,9 +1,15 @@
 """Checkpoints in Hugging Face format, written so a crash never fakes a complete one.
 
-Layout: ``<root>/<job_id>/step-<s>/`` holds what ``save_pretrained`` writes
-(config + safetensors weights), the tokenizer files copied from the base model
-directory (so the folder loads with ``transformers`` or serves with vLLM as is),
-``optimizer.pt`` (AdamW state, for resuming) and ``trainer_state.json``.
+Layout: ``<root>/<job_id>/step-<s>/`` holds a Hugging Face model directory
+(``config.json``, ``generation_config.json``, ``model.safetensors`` under the
+checkpoint names, the tokenizer files copied from the base model directory), so
+the folder loads with ``transformers`` or serves with vLLM as is;
+``optimizer/``, AdamW's state as a torch.distributed.checkpoint (each rank
+writes its own shards, and a job resumes from it on any number of ranks, which
+DCP reshards on load); and ``trainer_state.json``. ``model.safetensors`` is the
+very payload the step published (``publish.gather_payload``), written as is.
+Checkpoints from before DCP hold ``optimizer.pt`` (the whole state) instead; they
+still resume.
 
 ``step-<s>`` is the state after optimizer step s, i.e. policy version s + 1.
 Each checkpoint is written under a hidden temp name and renamed into place in
@@ -26,10 +32,14 @@ from typing import Any
 
 import torch
 
+from rlfleet.common.weights import Buffer
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_DIR = "optimizer"
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Files a tokenizer may need; anything else in the model dir (weights, config) is
 # rewritten by save_pretrained.
@@ -65,27 +75,30 @@ class CheckpointStore:
         self.dir = Path(root) / job_id
         self.keep = max(1, keep)
 
-    def save(
-        self,
-        *,
-        step: int,
-        model: torch.nn.Module,
-        weights: dict[str, torch.Tensor],
-        optimizer_state: dict[str, Any],
-        tokenizer_dir: str | Path,
-        state: dict[str, Any],
-    ) -> Path:
-        """Writes ``step-<step>`` atomically, replaces an older copy, prunes to ``keep``."""
+    def begin(self, step: int) -> Path:
+        """A hidden directory for ``step-<step>`` to be written into (``commit`` renames it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        final = self.dir / f"step-{step}"
         tmp = self.dir / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, *, step: int, payload: Buffer, model: torch.nn.Module,
+               tokenizer_dir: str | Path, state: dict[str, Any]) -> Path:  # fmt: skip
+        """Completes ``tmp`` (whose ``optimizer/`` the ranks wrote) with the weights
+        ``payload``, ``model``'s config and generation config, the tokenizer and
+        the state; fsyncs it, renames it ``step-<step>``, replacing an older copy, and
+        prunes to ``keep``. On any error ``tmp`` is removed."""
+        final = self.dir / f"step-{step}"
         try:
-            # ``weights``: whole, gathered from every rank (``model`` supplies the config).
-            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            with open(tmp / WEIGHTS_FILE, "wb") as f:
+                f.write(memoryview(payload).cast("B"))
+            model.config.save_pretrained(tmp)
+            generation = getattr(model, "generation_config", None)
+            if generation is not None:
+                generation.save_pretrained(tmp)
             copy_tokenizer_files(tokenizer_dir, tmp)
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-            payload = {"step": step, "version": step + 1, "saved_at": time.time(), **state}
-            (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
+            payload_state = {"step": step, "version": step + 1, "saved_at": time.time(), **state}
+            (tmp / STATE_FILE).write_text(json.dumps(payload_state, indent=2, default=str))
             _fsync_tree(tmp)
             if final.exists():  # the same step trained again after a restart
                 old = self.dir / f".step-{step}.old-{uuid.uuid4().hex[:8]}"
@@ -136,10 +149,10 @@ class CheckpointStore:
                 shutil.rmtree(child, ignore_errors=True)
 
     @staticmethod
-    def optimizer_state(info: CheckpointInfo) -> dict[str, Any] | None:
-        """The AdamW state saved with ``info`` (keyed by parameter names, whole: it loads
-        on any number of ranks), or None when there is none."""
-        path = info.path / OPTIMIZER_FILE
+    def legacy_optimizer_state(info: CheckpointInfo) -> dict[str, Any] | None:
+        """The whole AdamW state of a checkpoint written before DCP (``optimizer.pt``),
+        or None when there is none."""
+        path = info.path / LEGACY_OPTIMIZER_FILE
         if not path.is_file():
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -158,7 +171,9 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
-        if f.is_file():
+        if f.is_dir():
+            _fsync_tree(f)
+        elif f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(path)

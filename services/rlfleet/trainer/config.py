@@ -30,6 +30,9 @@ class TrainerConfig(ServiceConfig):
     """Entries pending on another consumer this long are taken over (it is presumed dead)."""
     push_timeout_s: float = Field(default=300.0, gt=0)
     """Per-attempt timeout of publishing one version to weight-sync."""
+    gather_bucket_mb: int = Field(default=512, ge=1)
+    """Publishing gathers the whole weights from the ranks' shards this many MiB at a time
+    (the most of them any rank holds at once beside its shards and the payload)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the policy lives; auto: cuda if available, else cpu."""
     torch_threads: int = Field(default=0, ge=0)

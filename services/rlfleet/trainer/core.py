@@ -20,7 +20,7 @@ from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.engine import RankMirror
 from rlfleet.trainer.job import JobTrainer
-from rlfleet.trainer.publish import WeightPublisher
+from rlfleet.trainer.publish import GATHER_BUCKET_BYTES, WeightPublisher
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ class TrainerCore:
         reclaim_idle_s: float = 60.0,
         device: torch.device | None = None,
         mirror: RankMirror | None = None,
+        gather_bucket_bytes: int = GATHER_BUCKET_BYTES,
     ):
         self.buffer = buffer
+        self.gather_bucket_bytes = gather_bucket_bytes
         self.store = store
         self.publisher = publisher
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -103,6 +105,7 @@ class TrainerCore:
                 reclaim_idle_s=self.reclaim_idle_s,
                 device=self.device,
                 mirror=self.mirror,
+                gather_bucket_bytes=self.gather_bucket_bytes,
             )
             version, resumed = trainer.init_job()
             self.jobs[job_id] = trainer
@@ -133,6 +136,8 @@ class TrainerCore:
         return trainer.version, trainer.last_step
 
     def close(self) -> None:
+        for trainer in self.jobs.values():
+            trainer.close()
         self.publisher.close()
         if self.mirror is not None:
             self.mirror.stop()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ class PolicyEngine:
         self.root: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._saving: Future | None = None
+        self._checkpoint_group: dist.ProcessGroup | None = None
 
     @property
     def lm(self) -> torch.nn.Module:
@@ -115,15 +118,34 @@ class PolicyEngine:
                 return value
         return 0
 
-    # -- whole dicts, gathered on rank 0 (collectives) -----------------------------
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The causal LM's weights under its own names, on CPU (rank 0; others: empty)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    # -- weights and optimizer state (collectives) -----------------------------------
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, whole shape, dtype) of every weight the causal LM publishes, from
+        metadata: nothing is gathered (a sharded parameter knows its global shape)."""
+        return [(k, tuple(v.shape), v.dtype) for k, v in self.lm.state_dict().items()]
 
-        if ranks().world == 1:
-            return self.lm.state_dict()
-        state = get_model_state_dict(self.root, options=_state_options())
-        return {k.removeprefix("lm."): v for k, v in state.items()}
+    def gather(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The whole tensors of ``names`` (a bucket) on rank 0; the others get {}.
+
+        Sharded: each is all-gathered (every rank takes part), one bucket at a time, so
+        no rank ever holds more than a bucket of whole tensors beside its shards. One
+        rank: the live tensors themselves (the caller copies them)."""
+        state = self.lm.state_dict()
+        main = ranks().main
+        out = {}
+        for name in names:
+            t = state[name].detach()
+            full = getattr(t, "full_tensor", None)
+            if full is not None:
+                t = full()
+            if main:
+                out[name] = t
+        return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """All weights, whole, on rank 0 (others: {}): for tests and small models; the
+        trainer publishes through ``gather`` a bucket at a time instead."""
+        return self.gather([name for name, _, _ in self.weight_specs()])
 
     def load_weights(self, state: dict[str, torch.Tensor] | None) -> None:
         """Whole weights (rank 0 passes them; the others None) into every rank's shards."""
@@ -135,14 +157,43 @@ class PolicyEngine:
         named = {f"lm.{k}": v for k, v in (state or {}).items()}
         set_model_state_dict(self.root, named, options=_state_options(broadcast_from_rank0=True))
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """AdamW's state keyed by parameter names, whole, on CPU: the same file whatever the
-        rank count, so a job resumes on more or fewer ranks (rank 0; others: empty)."""
+    def save_optimizer(self, path: str) -> Future:
+        """Starts writing AdamW's state to ``path`` as a torch.distributed.checkpoint, each
+        rank its own shards; returns when the state is copied aside (DCP's staging), so the
+        next step may change it while the files are written in the background. The
+        write's collectives run on a gloo group of their own, never interleaved with the
+        step's. Rank 0's future is done once every rank's shards and the metadata are
+        written. A save waits for this rank's previous one first."""
+        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.root, self.optimizer, options=_state_options())
+        self.wait_saved()
+        if ranks().world > 1 and self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        state = {"optim": get_optimizer_state_dict(self.root, self.optimizer)}
+        self._saving = dcp.async_save(state, checkpoint_id=path, no_dist=ranks().world == 1,
+                                      process_group=self._checkpoint_group)  # fmt: skip
+        return self._saving
+
+    def wait_saved(self) -> None:
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            saving.result()
+
+    def load_optimizer(self, path: str) -> None:
+        """AdamW's state from a DCP directory written by any number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = {"optim": get_optimizer_state_dict(self.root, self.optimizer)}
+        dcp.load(state, checkpoint_id=path, no_dist=ranks().world == 1)
+        set_optimizer_state_dict(self.root, self.optimizer, state["optim"])
 
     def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
+        """The whole AdamW state of a checkpoint from before DCP (rank 0 passes it)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         if ranks().world == 1 and state and any(isinstance(k, int) for k in state.get("state", {})):
@@ -195,7 +246,9 @@ class RankMirror:
             self.engines[job_id] = PolicyEngine(JobSpec.model_validate_json(args[0]), self.device)
             return None
         if method == "_drop":
-            self.engines.pop(job_id, None)
+            engine = self.engines.pop(job_id, None)
+            if engine is not None:
+                engine.wait_saved()
             return None
         return getattr(self.engines[job_id], method)(*args)
 

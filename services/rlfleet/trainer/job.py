@@ -6,7 +6,10 @@ A step, in the order that keeps experience safe across crashes:
    entries a dead consumer left pending, then new ones);
 2-3. the update: GRPO (``grpo.py``: advantages, log-probs at θ_old, the PPO/IcePop
    loss over mini-batches and token-bounded micro-batches, AdamW) or SFT (``sft.py``);
-4. a checkpoint when one is due;
+4. gather the new weights into one payload, a bucket at a time (``publish.py``);
+   when a checkpoint is due, every rank starts writing its optimizer shards (DCP)
+   and a background thread writes the payload and the rest of the checkpoint
+   (``checkpoint.py``), off the step's critical path; the job's last step waits for it;
 5. publish version step + 1 to weight-sync;
 6. store the step result (idempotency), then acknowledge the entries.
 
@@ -18,8 +21,10 @@ repeated TrainStep re-acknowledges them.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,11 +32,13 @@ import torch
 from rlfleet.common.buffer import Entry, ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.weight_transport import BufferPool
+from rlfleet.common.weights import Buffer
 from rlfleet.trainer import metrics as prom
 from rlfleet.trainer.batching import to_train_sample
-from rlfleet.trainer.checkpoint import CheckpointStore
+from rlfleet.trainer.checkpoint import OPTIMIZER_DIR, CheckpointInfo, CheckpointStore
 from rlfleet.trainer.engine import PolicyEngine, RankMirror, pick_device
-from rlfleet.trainer.publish import WeightPublisher
+from rlfleet.trainer.publish import GATHER_BUCKET_BYTES, WeightPublisher, gather_payload
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class JobTrainer:
         reclaim_idle_s: float = 60.0,
         device: torch.device | None = None,
         mirror: RankMirror | None = None,
+        gather_bucket_bytes: int = GATHER_BUCKET_BYTES,
     ):
         self.job_id = job_id
         self.spec = spec
@@ -72,6 +80,12 @@ class JobTrainer:
         self.last_step = -1
         self._unpublished: StepResult | None = None
         self._lock = threading.Lock()
+        self.gather_bucket_bytes = gather_bucket_bytes
+        # Payloads of past versions, reused (a version is the same size every step); a
+        # checkpoint being written holds its payload until it is done.
+        self._payloads = BufferPool(keep=2)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-{job_id}")
+        self._writing: Future | None = None
 
     # ------------------------------------------------------------------ init
     def init_job(self) -> tuple[int, bool]:
@@ -99,11 +113,7 @@ class JobTrainer:
                 raise InvalidArgument(str(exc)) from None
             self.engine = self.mirror.engines[self.job_id]
             if latest is not None:
-                optimizer_state = self.checkpoints.optimizer_state(latest)
-                if optimizer_state is not None:
-                    self.mirror.call(
-                        self.job_id, "load_optimizer_state", main_only=(optimizer_state,)
-                    )
+                self._load_optimizer(latest)
                 self.version, self.last_step = latest.version, latest.step
             restored = self._catch_up_from_weightsync()
             if not restored:  # weight-sync already holds what it handed us
@@ -122,6 +132,15 @@ class JobTrainer:
                 },
             )
             return self.version, resumed
+
+    def _load_optimizer(self, latest: CheckpointInfo) -> None:
+        sharded = latest.path / OPTIMIZER_DIR
+        if sharded.is_dir():
+            self.mirror.call(self.job_id, "load_optimizer", str(sharded))
+            return
+        whole = self.checkpoints.legacy_optimizer_state(latest)
+        if whole is not None:
+            self.mirror.call(self.job_id, "load_optimizer_state", main_only=(whole,))
 
     def _catch_up_from_weightsync(self) -> bool:
         """Steps stored past the newest checkpoint (or with none): take their weights back.
@@ -222,10 +241,18 @@ class JobTrainer:
         return result
 
     def _finish(self, result: StepResult) -> StepResult:
-        """Checkpoint (if due and missing), publish, store, acknowledge — safe to repeat."""
-        if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
-            self._checkpoint(result)
-        self._publish(result.version)
+        """Publish, checkpoint (if due and missing), store, acknowledge — safe to repeat."""
+        payload = self._gather()
+        try:
+            self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
+            if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
+                self._checkpoint(result, payload)
+                payload = None  # the checkpoint writer gives it back when it is done
+                if result.step == self.spec.steps - 1:  # the job's result: complete first
+                    self.wait_checkpoint()
+        finally:
+            if payload is not None:
+                self._payloads.give(payload)
         self.store.put_result(self.job_id, result)
         self._unpublished = None
         self.buffer.ack(self.job_id, result.entry_ids)
@@ -283,10 +310,18 @@ class JobTrainer:
             )
         return list(taken.values())
 
+    def _gather(self) -> Buffer:
+        """The whole weights, a bucket at a time from every rank, in one payload."""
+        specs = self.mirror.call(self.job_id, "weight_specs")
+        return gather_payload(specs, lambda names: self.mirror.call(self.job_id, "gather", names),
+                              self._payloads.take, bucket_bytes=self.gather_bucket_bytes)  # fmt: skip
+
     def _publish(self, version: int) -> None:
-        """The whole weights, gathered from every rank, to weight-sync as ``version``."""
-        weights = self.mirror.call(self.job_id, "weights")
-        self.publisher.publish(job_id=self.job_id, version=version, weights=weights)
+        payload = self._gather()
+        try:
+            self.publisher.publish(job_id=self.job_id, version=version, payload=payload)
+        finally:
+            self._payloads.give(payload)
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -298,28 +333,62 @@ class JobTrainer:
         every = self.spec.checkpoint.every_steps
         return step == self.spec.steps - 1 or (every > 0 and (step + 1) % every == 0)
 
-    def _checkpoint(self, result: StepResult) -> None:
+    def _checkpoint(self, result: StepResult, payload: Buffer) -> None:
+        """Starts the checkpoint of ``result``'s step: every rank stages its optimizer
+        shards (DCP writes them in the background); a thread of this rank waits for them,
+        writes ``payload`` and the rest, and renames the directory into place. One at a
+        time: the previous checkpoint is finished (or its failure logged) first."""
+        try:
+            self.wait_checkpoint()
+        except Exception:  # noqa: BLE001 - logged by the writer; this one may succeed
+            pass
         start = time.perf_counter()
-        self.checkpoints.save(
-            step=result.step,
-            model=self.engine.lm,
-            weights=self.mirror.call(self.job_id, "weights"),
-            optimizer_state=self.mirror.call(self.job_id, "optimizer_state"),
-            tokenizer_dir=self.spec.model.path,
-            state={
-                "job_id": self.job_id,
-                "spec": self.spec.model_dump(mode="json"),
-                "result": result.to_dict(),
-            },
+        tmp = self.checkpoints.begin(result.step)
+        try:
+            saving = self.mirror.call(self.job_id, "save_optimizer", str(tmp / OPTIMIZER_DIR))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._payloads.give(payload)
+            raise
+        state = {
+            "job_id": self.job_id,
+            "spec": self.spec.model_dump(mode="json"),
+            "result": result.to_dict(),
+        }
+        self._writing = self._writer.submit(
+            self._write_checkpoint, tmp, result.step, payload, saving, state, start
         )
+
+    def _write_checkpoint(self, tmp: Path, step: int, payload: Buffer, saving: Future,
+                          state: dict, start: float) -> None:  # fmt: skip
+        try:
+            saving.result()
+            path = self.checkpoints.commit(tmp, step=step, payload=payload, model=self.engine.lm,
+                                           tokenizer_dir=self.spec.model.path, state=state)  # fmt: skip
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.exception("checkpoint failed", extra={"job_id": self.job_id, "step": step})
+            raise
+        finally:
+            self._payloads.give(payload)
         seconds = time.perf_counter() - start
         prom.CHECKPOINT_SECONDS.labels(self.job_id).observe(seconds)
         logger.info(
             "checkpoint written",
-            extra={
-                "job_id": self.job_id,
-                "step": result.step,
-                "path": result.checkpoint_path,
-                "seconds": round(seconds, 3),
-            },
-        )
+            extra={"job_id": self.job_id, "step": step, "path": str(path),
+                   "seconds": round(seconds, 3)},
+        )  # fmt: skip
+
+    def wait_checkpoint(self) -> None:
+        """Until the checkpoint being written is complete; raises its error."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def close(self) -> None:
+        """Lets a checkpoint being written finish (its failure is already logged)."""
+        try:
+            self.wait_checkpoint()
+        except Exception:  # noqa: BLE001
+            pass
+        self._writer.shutdown(wait=True)

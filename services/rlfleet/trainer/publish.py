@@ -1,10 +1,14 @@
 """Publishing policy versions to weight-sync.
 
-The trainer encodes its state dict once (``rlfleet.common.weights``) and
-pushes it with ``WeightSyncClient``: over weight-sync's data plane, or in
-chunks through ``WeightSyncService.PushVersion`` where there is none.
-Weight-sync verifies the checksum before anything serves the version. The
-payload holds every key of the model's state dict under its Hugging Face name;
+A version is one safetensors payload (``rlfleet.common.weights``), filled by
+``gather_payload`` a bucket of whole tensors at a time: with several ranks each
+bucket is all-gathered from the shards and copied into its slot, so no rank
+holds the whole model twice (its shards, the payload and one bucket). The same
+payload is pushed and, when a checkpoint is due, written as the checkpoint's
+``model.safetensors``. It is pushed with ``WeightSyncClient``: over weight-sync's
+data plane, or in chunks through ``WeightSyncService.PushVersion`` where there
+is none. Weight-sync verifies the checksum before anything serves the version.
+The payload holds every key of the model's state dict under its checkpoint name;
 tensors the model ties together (e.g. ``lm_head.weight`` and the input
 embeddings) are written once per key, so any loader — strict
 ``load_state_dict`` or vLLM's ``load_weights`` — finds what it expects.
@@ -20,35 +24,60 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from rlfleet.common.errors import NotFound
-from rlfleet.common.weight_transport import BufferPool
-from rlfleet.common.weights import checksum_of, decode_state_dict, encode_state_dict_into
+from rlfleet.common.weights import Buffer, PayloadLayout, checksum_of, decode_state_dict
 from rlfleet.common.weightsync_client import WeightSyncClient
 
 logger = logging.getLogger(__name__)
 
+GATHER_BUCKET_BYTES = 512 * 1024 * 1024
 
-def exportable_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights with tied tensors copied apart (safetensors refuses shared storage)."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in weights.items():
-        t = tensor.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        out[name] = t.clone() if key in seen else t
-        seen.add(key)
-    return out
+
+def buckets(layout: PayloadLayout, bucket_bytes: int) -> Iterator[list[str]]:
+    """Tensor names in payload order, grouped up to ``bucket_bytes`` (a larger tensor alone)."""
+    bucket: list[str] = []
+    size = 0
+    for name, (_, n) in layout.slots.items():
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(name)
+        size += n
+    if bucket:
+        yield bucket
+
+
+def gather_payload(
+    specs: Iterable[tuple[str, Sequence[int], torch.dtype]],
+    gather: Callable[[list[str]], dict[str, torch.Tensor]],
+    alloc: Callable[[int], Buffer],
+    *,
+    bucket_bytes: int = GATHER_BUCKET_BYTES,
+) -> Buffer:
+    """A version's payload: laid out from ``specs`` (names, whole shapes, dtypes), then
+    filled bucket by bucket with the whole tensors ``gather(names)`` returns."""
+    layout = PayloadLayout.of(specs)
+    payload = alloc(layout.size)
+    layout.write_header(payload)
+    for names in buckets(layout, bucket_bytes):
+        got = gather(names)
+        for name in names:
+            layout.write(payload, name, got.pop(name))
+        del got
+    return payload
 
 
 class WeightPublisher(abc.ABC):
     """Where a new policy version goes once the optimizer step is done."""
 
     @abc.abstractmethod
-    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
-        """Publishes ``model``'s weights as ``version`` of ``job_id``; returns the checksum."""
+    def publish(self, *, job_id: str, version: int, payload: Buffer) -> str:
+        """Publishes ``payload`` (``gather_payload``) as ``version`` of ``job_id``; returns
+        the checksum. The caller keeps the payload (it may go on to a checkpoint)."""
 
     @abc.abstractmethod
     def fetch(self, *, job_id: str, version: int) -> dict[str, torch.Tensor] | None:
@@ -61,7 +90,7 @@ class WeightPublisher(abc.ABC):
 class NoPublisher(WeightPublisher):
     """Weight-sync disabled: versions are computed and reported, never sent."""
 
-    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
+    def publish(self, *, job_id: str, version: int, payload: Buffer) -> str:
         logger.info(
             "no weight-sync configured; version not published",
             extra={"job_id": job_id, "version": version},
@@ -84,8 +113,6 @@ class GrpcWeightPublisher(WeightPublisher):
         max_message_mb: int = 256,
     ):
         self.address = address
-        # The payload of the last version: pushed and done with, it takes the next one.
-        self.buffers = BufferPool(keep=1)
         self.client = WeightSyncClient(
             address,
             timeout_s=timeout_s,
@@ -93,15 +120,9 @@ class GrpcWeightPublisher(WeightPublisher):
             max_message_mb=max_message_mb,
         )
 
-    def publish(self, *, job_id: str, version: int, weights: dict[str, torch.Tensor]) -> str:
-        payload = encode_state_dict_into(exportable_state_dict(weights), self.buffers.take)
-        try:
-            checksum = checksum_of(payload)
-            held = self.client.push(
-                job_id=job_id, version=version, payload=payload, checksum=checksum
-            )
-        finally:
-            self.buffers.give(payload)  # the push is over: nothing reads it any more
+    def publish(self, *, job_id: str, version: int, payload: Buffer) -> str:
+        checksum = checksum_of(payload)
+        held = self.client.push(job_id=job_id, version=version, payload=payload, checksum=checksum)
         logger.info(
             "published policy version",
             extra={

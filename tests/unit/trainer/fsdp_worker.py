@@ -2,26 +2,29 @@
 with FSDP2 over gloo when WORLD_SIZE > 1.
 
     fsdp_worker.py MODEL_DIR OUT train    two GRPO steps (2 mini-batches × 2 epochs), one SFT
-                                          step; saves metrics, the weights and AdamW state
-                                          after the first step, and the final weights
+                                          step; saves metrics, the weights after the first
+                                          step (whole) and its AdamW state (DCP, every rank
+                                          its shards, in OUT.optim/), and the final weights
     fsdp_worker.py MODEL_DIR OUT resume FROM
-                                          loads the first step's weights and AdamW state from
-                                          FROM (saved by another rank count), trains step 1
+                                          loads the first step's weights from FROM and its
+                                          AdamW state from FROM.optim/ (saved by any rank
+                                          count), trains step 1
 
 Rank 0 writes OUT."""
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
 import torch
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.weights import PayloadLayout
 from rlfleet.trainer import distributed
 from rlfleet.trainer.batching import TrainSample, micro_batches
 from rlfleet.trainer.engine import PolicyEngine, load_causal_lm
 from rlfleet.trainer.logprobs import response_logprobs
+from rlfleet.trainer.publish import buckets, gather_payload
 from rlfleet.trainer.sft import sft_update
 
 CPU = torch.device("cpu")
@@ -63,7 +66,7 @@ def main(model_dir: str, out_path: str, mode: str, source: str = "") -> None:
     if mode == "train":
         out["metrics"] = [engine.update(batch, 0)]
         out["first"] = {k: v.clone() for k, v in engine.weights().items()}
-        out["first_optimizer"] = copy.deepcopy(engine.optimizer_state())  # one rank: live tensors
+        engine.save_optimizer(out_path + ".optim")  # staged now, written in the background
         out["metrics"].append(engine.update(batch, 1))
         sft = JobSpec.model_validate({"model": {"path": model_dir}, "steps": 3, "task": {
             "kind": "dataset", "dataset": {"path": "unused.jsonl"}},
@@ -73,9 +76,18 @@ def main(model_dir: str, out_path: str, mode: str, source: str = "") -> None:
     else:  # resume step 1 from the first step's weights and AdamW state
         saved = torch.load(source) if main_rank else {}
         engine.load_weights(saved.get("first"))
-        engine.load_optimizer_state(saved.get("first_optimizer"))
+        engine.load_optimizer(source + ".optim")
         out["metrics"] = [engine.update(batch, 1)]
     out["state"] = engine.weights()
+    # Publishing: the whole weights gathered into one payload a bucket (here ~4 KB) at a
+    # time; every rank takes part in each bucket's all-gather, rank 0 fills the payload.
+    specs = engine.weight_specs()
+    if main_rank:
+        out["payload"] = bytes(gather_payload(specs, engine.gather, bytearray, bucket_bytes=4096))
+    else:
+        for names in buckets(PayloadLayout.of(specs), 4096):
+            engine.gather(names)
+    engine.wait_saved()
     if main_rank:
         torch.save(out, out_path)
     if distributed.ranks().world > 1:

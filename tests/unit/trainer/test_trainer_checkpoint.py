@@ -1,4 +1,5 @@
-"""Checkpoints: Hugging Face format, atomic, pruned to the newest ``keep``."""
+"""Checkpoints: a Hugging Face directory (the published payload as model.safetensors),
+AdamW's state as a torch.distributed.checkpoint, atomic, pruned to the newest ``keep``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import json
 
 import pytest
 import torch
-from rlfleet.trainer.checkpoint import CheckpointStore
+import torch.distributed.checkpoint as dcp
+from rlfleet.common.weights import encode_state_dict_into
+from rlfleet.trainer.checkpoint import OPTIMIZER_DIR, CheckpointStore
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +30,26 @@ def model_and_opt(tiny_model_dir):
     return model, opt
 
 
+def _save(store, step, model, opt, tokenizer_dir, state):
+    """What the trainer does: the ranks write the optimizer (DCP), then rank 0 commits."""
+    tmp = store.begin(step)
+    dcp.save(
+        {"optim": get_optimizer_state_dict(model, opt)},
+        checkpoint_id=tmp / OPTIMIZER_DIR,
+        no_dist=True,
+    )
+    payload = encode_state_dict_into(model.state_dict(), bytearray)
+    return store.commit(tmp, step=step, payload=payload, model=model,
+                        tokenizer_dir=tokenizer_dir, state=state)  # fmt: skip
+
+
 def test_checkpoints_load_with_transformers_and_are_pruned(tmp_path, tiny_model_dir, model_and_opt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, opt = model_and_opt
     store = CheckpointStore(tmp_path, "job-1", keep=2)
     for step in range(3):
-        path = store.save(
-            step=step,
-            model=model,
-            weights=model.state_dict(),
-            optimizer_state=opt.state_dict(),
-            tokenizer_dir=tiny_model_dir,
-            state={"x": step},
-        )
+        path = _save(store, step, model, opt, tiny_model_dir, {"x": step})
         assert path == tmp_path / "job-1" / f"step-{step}"
     assert [c.step for c in store.checkpoints()] == [1, 2]
     latest = store.latest()
@@ -49,32 +62,31 @@ def test_checkpoints_load_with_transformers_and_are_pruned(tmp_path, tiny_model_
     tok = AutoTokenizer.from_pretrained(latest.path)
     assert tok.encode("1 + 2", add_special_tokens=False)
 
-    saved_state = opt.state_dict()["state"]
-    for key, value in store.optimizer_state(latest)["state"].items():
-        assert torch.equal(value["exp_avg"], saved_state[key]["exp_avg"])
+    # AdamW's state comes back from the DCP directory into a fresh optimizer.
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    restored = {"optim": get_optimizer_state_dict(loaded, fresh)}
+    dcp.load(restored, checkpoint_id=latest.path / OPTIMIZER_DIR, no_dist=True)
+    set_optimizer_state_dict(loaded, fresh, restored["optim"])
+    saved, got = opt.state_dict()["state"], fresh.state_dict()["state"]
+    assert saved.keys() == got.keys()
+    for key, value in got.items():
+        assert torch.equal(value["exp_avg"], saved[key]["exp_avg"])
+        assert float(value["step"]) == float(saved[key]["step"]) == 1.0
 
 
 def test_half_written_checkpoints_never_look_complete(tmp_path, tiny_model_dir, model_and_opt):
     model, opt = model_and_opt
     store = CheckpointStore(tmp_path, "job-2", keep=3)
-    store.save(
-        step=0,
-        model=model,
-        weights=model.state_dict(),
-        optimizer_state=opt.state_dict(),
-        tokenizer_dir=tiny_model_dir,
-        state={},
-    )
+    _save(store, 0, model, opt, tiny_model_dir, {})
 
-    class Exploding:  # fails while the optimizer state is being written
-        def __reduce__(self):
+    class Exploding:  # fails while the state is being written
+        def __str__(self):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        store.save(step=1, model=model, weights=model.state_dict(),
-                   optimizer_state={"state": Exploding()}, tokenizer_dir=tiny_model_dir,
-                   state={})  # fmt: skip
+        _save(store, 1, model, opt, tiny_model_dir, {"bad": Exploding()})
     assert not (store.dir / "step-1").exists()
+    assert [p.name for p in store.dir.iterdir()] == ["step-0"]  # its temp dir removed too
     assert [c.step for c in store.checkpoints()] == [0]
 
     # What a crash (kill -9) mid-write leaves: a hidden temp dir, and nothing else.
@@ -89,21 +101,7 @@ def test_half_written_checkpoints_never_look_complete(tmp_path, tiny_model_dir, 
 def test_saving_the_same_step_again_replaces_it(tmp_path, tiny_model_dir, model_and_opt):
     model, opt = model_and_opt
     store = CheckpointStore(tmp_path, "job-3", keep=2)
-    store.save(
-        step=4,
-        model=model,
-        weights=model.state_dict(),
-        optimizer_state=opt.state_dict(),
-        tokenizer_dir=tiny_model_dir,
-        state={"n": 1},
-    )
-    store.save(
-        step=4,
-        model=model,
-        weights=model.state_dict(),
-        optimizer_state=opt.state_dict(),
-        tokenizer_dir=tiny_model_dir,
-        state={"n": 2},
-    )
+    _save(store, 4, model, opt, tiny_model_dir, {"n": 1})
+    _save(store, 4, model, opt, tiny_model_dir, {"n": 2})
     assert [(c.step, c.state["n"]) for c in store.checkpoints()] == [(4, 2)]
     assert sorted(p.name for p in store.dir.iterdir()) == ["step-4"]

@@ -5,8 +5,12 @@ process over gloo (fsdp_worker.py):
   parameters within 1e-5 in fp32, through several PPO updates per step (mini-batches ×
   epochs, uneven micro-batch counts per rank); a second GRPO step and an SFT step
   agree to float32 rounding;
-- a job resumes on another number of ranks: weights and AdamW state saved whole by one
-  rank load into two, and the next step equals the one-rank run's.
+- the published payload, gathered from the shards a bucket at a time, is exactly the
+  whole weights;
+- a job resumes on another number of ranks: the weights, and AdamW's state written as a
+  torch.distributed.checkpoint (each rank its shards, in the background), saved by one
+  rank load into two and those saved by two into one, and the next step equals the
+  run's own.
 """
 
 from __future__ import annotations
@@ -70,6 +74,14 @@ def test_two_fsdp2_ranks_train_exactly_as_one_and_resume_across_rank_counts(mode
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     _same(one["state"], two["state"], atol=1e-4)
+    # The published payload, gathered from the shards bucket by bucket (several buckets
+    # here), holds exactly the whole weights; a safetensors file as transformers reads it.
+    from safetensors.torch import load
+
+    for run in (one, two):
+        published = load(run["payload"])
+        assert published.keys() == run["state"].keys()
+        assert all(torch.equal(published[k], v) for k, v in run["state"].items())
 
     # Saved by one rank, resumed on two: step 1 as the one-rank run trained it.
     resumed = _run(2, model_dir, tmp_path / "resumed.pt", "resume", tmp_path / "one.pt")
@@ -78,3 +90,8 @@ def test_two_fsdp2_ranks_train_exactly_as_one_and_resume_across_rank_counts(mode
                                                                rel=1e-4)  # fmt: skip
     one_step1 = _run(1, model_dir, tmp_path / "one-again.pt", "resume", tmp_path / "one.pt")
     _same(one_step1["state"], resumed["state"], atol=1e-5)
+    # Saved by two ranks (two shard files), resumed on one.
+    assert len(list((tmp_path / "two.pt.optim").glob("*.distcp"))) == 2
+    from_two = _run(1, model_dir, tmp_path / "from-two.pt", "resume", tmp_path / "two.pt")
+    assert from_two["metrics"][0]["loss"] == pytest.approx(two["metrics"][1]["loss"], abs=1e-5)
+    _same(one_step1["state"], from_two["state"], atol=1e-4)
