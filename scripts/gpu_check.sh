@@ -2,7 +2,7 @@
 # The GPU checks: on a machine with one CUDA GPU, runs every test marked `gpu` and prints
 # a PASS/FAIL line for each, then a summary; exits non-zero when one fails or none ran.
 # Under 8 minutes on one H100/H200. What it covers:
-#   - FSDP2 over NCCL with one rank (tests/unit/trainer/test_trainer_cuda.py)
+#   - FSDP2 over NCCL with one rank, plain and with CPU offload (tests/unit/trainer/test_trainer_cuda.py)
 #   - bf16 compute with fp32 master weights on CUDA (same file)
 #   - chunked log-probs on CUDA: values and peak memory against full logits (same file)
 #   - the CUDA PyTorch rollout engine: the shared engine suite (tests/unit/rollout/test_torch_engine_cuda.py)

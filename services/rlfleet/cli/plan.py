@@ -107,6 +107,10 @@ def model_facts(path: str | Path) -> ModelFacts:
     )
 
 
+# Trainer parts that are not GPU memory: a count, and what CPU offload keeps on the host.
+NOT_ON_GPU = ("micro_batch_tokens", "host_offload")
+
+
 def trainer_parts(facts: ModelFacts, spec, *, ranks: int, prompt_tokens: int,
                   attention: str = "flash") -> dict[str, int]:  # fmt: skip
     alg, model = spec.algorithm, spec.model
@@ -137,6 +141,10 @@ def trainer_parts(facts: ModelFacts, spec, *, ranks: int, prompt_tokens: int,
         "attention_scores": scores,
         "logprobs": 4 * min(alg.logprob_chunk_tokens, tokens) * facts.vocab * 4,
     }
+    if alg.cpu_offload:  # FSDP2 keeps these in host memory; a layer visits the GPU
+        host = sum(parts.pop(k) for k in ("parameters", "gradients", "optimizer"))
+        parts.update(parameters=0, gradients=0, optimizer=0)
+        parts["host_offload"] = host
     parts["micro_batch_tokens"] = tokens
     return parts
 
@@ -177,7 +185,7 @@ def plan(facts: ModelFacts, spec, *, nodes: int, gpus_per_node: int, gpu_memory_
     budget = headroom * gpu_memory_gib * GIB
     trainer = trainer_parts(facts, spec, ranks=trainer_gpus, prompt_tokens=prompt_tokens,
                             attention=attention)  # fmt: skip
-    t_total = sum(v for k, v in trainer.items() if k != "micro_batch_tokens")
+    t_total = sum(v for k, v in trainer.items() if k not in NOT_ON_GPU)
     rollout = rollout_parts(
         facts, spec, gpus=rollout_gpus, tp=rollout_tp, prompt_tokens=prompt_tokens
     )
@@ -220,6 +228,10 @@ def _suggest(facts, spec, trainer, t_total, rollout, r_total, *, budget, trainer
         if rest < budget:
             need = math.ceil(sharded * trainer_gpus / (budget - rest))
             out.append(f"trainer: shard over at least {need} ranks (now {trainer_gpus})")
+        if not spec.algorithm.cpu_offload:
+            out.append("trainer: set algorithm.cpu_offload = true (moves "
+                       f"{(sharded - trainer['reference_model']) / GIB:.1f} GiB per rank of "
+                       "parameters, gradients and AdamW state to host memory)")  # fmt: skip
         if not spec.algorithm.activation_checkpointing:
             out.append("trainer: set algorithm.activation_checkpointing = true (activations "
                        f"{trainer['activations'] / GIB:.1f} GiB per micro-batch)")  # fmt: skip
@@ -247,7 +259,9 @@ def render(result: dict[str, Any]) -> str:
              f"{cl['gpu_memory_bytes'] / GIB:.0f} GiB (budget {budget / GIB:.1f} GiB each)",
              f"trainer, per rank ({t['ranks']} ranks, {t['parts']['micro_batch_tokens']} tokens "
              "per micro-batch):"]  # fmt: skip
-    lines += [f"  {k:<16}{gib(v)}" for k, v in t["parts"].items() if k != "micro_batch_tokens"]
+    lines += [f"  {k:<16}{gib(v)}" for k, v in t["parts"].items() if k not in NOT_ON_GPU]
+    if "host_offload" in t["parts"]:
+        lines.append(f"  (host memory: {gib(t['parts']['host_offload'])} offloaded per rank)")
     lines.append(
         f"  {'total':<16}{gib(t['per_rank_bytes'])}  {'fits' if t['fits'] else 'DOES NOT FIT'}"
     )

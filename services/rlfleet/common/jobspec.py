@@ -311,6 +311,17 @@ class AlgorithmSpec(_Spec):
     """Most tokens (prompt + completion, padding included) per forward/backward pass, so
     long sequences go a few at a time and short ones many; 0: only ``micro_batch_size``
     bounds a micro-batch. A sequence longer than this is refused, naming it."""
+    pack_sequences: bool = False
+    """Padding-free micro-batches: their sequences are packed into one row, told apart by
+    position ids that restart at each (transformers then keeps attention within each
+    sequence: sdpa, eager, flash-attention and flex all read packed position ids), so no
+    compute goes to padding; ``max_tokens_per_micro_batch`` then bounds the sum of the
+    lengths rather than rows × the longest."""
+    cpu_offload: bool = False
+    """FSDP2 keeps parameters, gradients and AdamW state in host memory, moving each layer
+    to the GPU only while it computes (the optimizer step runs on the CPU): GPU memory for
+    activations at the cost of host↔GPU copies every step. It shards even one rank (over a
+    process group of one)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping
     them: about one more forward of compute for much less activation memory."""

@@ -1,10 +1,16 @@
-"""From buffer samples to padded micro-batches (``logprobs.py`` turns them into log-probs).
+"""From buffer samples to micro-batches (``logprobs.py`` turns them into log-probs).
 
 A training sequence is prompt + completion; only completion tokens carry loss.
 The logit at position p predicts token p + 1, so completion token j (at
 position P + j, P = prompt length) is scored by the logit at P + j − 1. We
 gather just those rows before the softmax, so prompt positions never cost a
 vocabulary-sized softmax.
+
+Two layouts: padded (one row per sequence, right-padded to the longest, an
+attention mask) or packed (``algorithm.pack_sequences``: all sequences in one
+row, position ids restarting at each, no padding at all). Either way
+``score_index`` points into the rows' positions flattened, so the log-prob pass
+gathers the same way from both.
 
 Log-prob convention shared with the rollout engines: log_softmax(logits / T)
 at the sampled token, T the sampling temperature (T = 1 when sampling is greedy).
@@ -75,11 +81,12 @@ def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
 
 @dataclass
 class MicroBatch:
-    """Right-padded tensors for one forward pass; response tensors are ``[B, T]``."""
+    """Tensors for one forward pass of B sequences; response tensors are ``[B, T]``."""
 
-    input_ids: Tensor  # [B, L]
-    attention_mask: Tensor  # [B, L]
-    score_positions: Tensor  # [B, T] index of the logit that scores each response token
+    input_ids: Tensor  # [R, L]: R = B padded rows, or 1 packed row
+    attention_mask: Tensor | None  # [R, L] when padded; None when packed
+    position_ids: Tensor | None  # [1, L] when packed (restarting at each sequence)
+    score_index: Tensor  # [B, T] where the logit scoring each response token lies, in R·L
     completion_ids: Tensor  # [B, T]
     logp_infer: Tensor  # [B, T]
     valid: Tensor  # [B, T] bool, False on padding
@@ -87,10 +94,14 @@ class MicroBatch:
     rows: list[int]  # positions of these samples in the step's sample list
 
     def to(self, device: torch.device | str) -> MicroBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return MicroBatch(
             input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            score_positions=self.score_positions.to(device),
+            attention_mask=move(self.attention_mask),
+            position_ids=move(self.position_ids),
+            score_index=self.score_index.to(device),
             completion_ids=self.completion_ids.to(device),
             logp_infer=self.logp_infer.to(device),
             valid=self.valid.to(device),
@@ -100,9 +111,15 @@ class MicroBatch:
 
 
 def collate(
-    samples: Sequence[TrainSample], advantages: Tensor, rows: list[int], *, pad_id: int
+    samples: Sequence[TrainSample],
+    advantages: Tensor,
+    rows: list[int],
+    *,
+    pad_id: int,
+    packed: bool = False,
 ) -> MicroBatch:
-    """Pads prompt + completion on the right; response positions padded to the longest.
+    """Pads prompt + completion on the right (or packs them into one row, ``packed``);
+    response positions padded to the longest.
 
     Padded rows are built as Python tuples and turned into one tensor per field, and
     masks come from comparing ``arange`` with the lengths: a handful of torch calls
@@ -119,13 +136,27 @@ def collate(
         return torch.tensor([(*r, *(pad,) * (width - len(r))) for r in rows_of], dtype=dtype)
 
     valid = torch.arange(resp_len) < resp[:, None]
-    return MicroBatch(
-        input_ids=padded(
+    # The logit at position t scores the token at t + 1; each sequence starts at its
+    # row's beginning (padded) or where the previous one ended (packed).
+    starts = torch.cumsum(total, 0) - total if packed else torch.arange(len(batch)) * seq_len
+    score_index = torch.where(valid, (starts + prompt_len - 1)[:, None] + torch.arange(resp_len), 0)
+    if packed:
+        input_ids = torch.tensor(
+            [[t for s in batch for t in (*s.prompt_ids, *s.completion_ids)]], dtype=torch.long
+        )
+        position_ids = torch.cat([torch.arange(int(n)) for n in total])[None]
+        attention_mask = None
+    else:
+        input_ids = padded(
             (s.prompt_ids + s.completion_ids for s in batch), seq_len, pad_id, torch.long
-        ),
-        attention_mask=(torch.arange(seq_len) < total[:, None]).long(),
-        # The logit at position t scores the token at t + 1.
-        score_positions=torch.where(valid, prompt_len[:, None] - 1 + torch.arange(resp_len), 0),
+        )
+        position_ids = None
+        attention_mask = (torch.arange(seq_len) < total[:, None]).long()
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        score_index=score_index,
         completion_ids=padded((s.completion_ids for s in batch), resp_len, pad_id, torch.long),
         logp_infer=padded((s.logp_infer for s in batch), resp_len, 0.0, torch.float32),
         valid=valid,
@@ -141,10 +172,12 @@ def micro_batches(
     size: int,
     pad_id: int,
     max_tokens: int = 0,
+    packed: bool = False,
 ) -> list[MicroBatch]:
     """Splits the step into micro-batches, similar lengths together: at most ``size``
-    samples each and, with ``max_tokens``, at most that many padded tokens (rows × the
-    longest row), so long sequences go a few at a time and short ones many. The loss
+    samples each and, with ``max_tokens``, at most that many tokens (padded: rows × the
+    longest row; packed: the sum of the lengths), so long sequences go a few at a time
+    and short ones many. The loss
     is normalised by the step's sample count, not the micro-batch's, so the gradients
     summed over any split are the step's."""
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
@@ -156,15 +189,14 @@ def micro_batches(
             f"{longest.sample_id} ({lengths[order[-1]]} tokens, prompt + completion)"
         )
     groups: list[list[int]] = []
+    used = 0  # tokens of the current group as the bound counts them
     for i in order:  # ascending length: a row added last is the widest of its batch
         current = groups[-1] if groups else None
-        fits = (
-            current is not None
-            and len(current) < size
-            and (not max_tokens or (len(current) + 1) * lengths[i] <= max_tokens)
-        )
-        if fits:
+        grown = used + lengths[i] if packed else (len(current or ()) + 1) * lengths[i]
+        if current is not None and len(current) < size and (not max_tokens or grown <= max_tokens):
             current.append(i)
+            used = grown
         else:
             groups.append([i])
-    return [collate(samples, advantages, rows, pad_id=pad_id) for rows in groups]
+            used = lengths[i]
+    return [collate(samples, advantages, rows, pad_id=pad_id, packed=packed) for rows in groups]

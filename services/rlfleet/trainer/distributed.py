@@ -63,14 +63,31 @@ def init_process_group(*, backend: str = "", init_method: str = "env://", rank: 
     return ranks()
 
 
+def join_alone() -> None:
+    """A process group of one (this process), for FSDP2 on a single rank (CPU offload)."""
+    from rlfleet.common.procs import free_port
+
+    if not dist.is_initialized():
+        init_process_group(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
 def shard_model(
-    model: torch.nn.Module, *, compute_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
 ) -> torch.nn.Module:
     """FSDP2: each decoder layer, then the root, a ``LogprobHead`` around the model (every
     use of the weights runs in its forward). Returns that root; train and publish
     through it. With ``compute_dtype`` below the parameters' dtype, layers compute in it
-    and gradients are reduced in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    and gradients are reduced in fp32. ``cpu_offload``: shards, gradients and the
+    optimizer step stay in host memory (pinned when there is a GPU)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     from rlfleet.trainer.checkpointing import decoder_layers
     from rlfleet.trainer.logprobs import LogprobHead
@@ -79,10 +96,12 @@ def shard_model(
     policy = MixedPrecisionPolicy()
     if compute_dtype is not None and compute_dtype != master:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
+    options = {"mp_policy": policy, "offload_policy": offload or OffloadPolicy()}
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, **options)
     root = LogprobHead(model)
-    fully_shard(root, mp_policy=policy)
+    fully_shard(root, **options)
     return root
 
 

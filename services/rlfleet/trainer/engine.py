@@ -29,7 +29,7 @@ import torch.distributed as dist
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.batching import TrainSample
 from rlfleet.trainer.checkpointing import enable_activation_checkpointing
-from rlfleet.trainer.distributed import Ranks, ranks, shard_model
+from rlfleet.trainer.distributed import Ranks, join_alone, ranks, shard_model
 from rlfleet.trainer.grpo import grpo_update
 from rlfleet.trainer.logprobs import LogprobHead
 from rlfleet.trainer.sft import sft_update
@@ -71,6 +71,7 @@ class PolicyEngine:
         self.root: torch.nn.Module | None = None
         self.ref: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.sharded = False
         self._saving: Future | None = None
         self._checkpoint_group: dist.ProcessGroup | None = None
 
@@ -83,19 +84,27 @@ class PolicyEngine:
         are several ranks; a fresh AdamW over this rank's shards."""
         model, alg = self.spec.model, self.spec.algorithm
         compute = getattr(torch, model.dtype)
-        lm = load_causal_lm(source, dtype=model.master_dtype, device=self.device)
+        # Offloading: built in host memory, where FSDP2 keeps the shards (a model that
+        # needs offloading may not fit the GPU whole even for a moment).
+        home = torch.device("cpu") if alg.cpu_offload else self.device
+        lm = load_causal_lm(source, dtype=model.master_dtype, device=home)
         if alg.activation_checkpointing:
             enable_activation_checkpointing(lm)
-        sharded = ranks().world > 1
-        self.root = shard_model(lm, compute_dtype=compute) if sharded else LogprobHead(lm)
+        self.sharded = ranks().world > 1 or alg.cpu_offload
+        if self.sharded:
+            join_alone()  # one rank offloading: FSDP2 over a group of one
+            self.root = shard_model(lm, compute_dtype=compute, cpu_offload=alg.cpu_offload)
+        else:
+            self.root = LogprobHead(lm)
         self.optimizer = torch.optim.AdamW(
             self.root.parameters(), lr=alg.lr, betas=tuple(alg.betas),
             weight_decay=alg.weight_decay,
         )  # fmt: skip
         if alg.kl_coef > 0:  # the reference: the base weights, sharded the same way
-            ref = load_causal_lm(model.path, dtype=model.dtype, device=self.device)
+            ref = load_causal_lm(model.path, dtype=model.dtype, device=home)
             ref.requires_grad_(False)
-            self.ref = shard_model(ref) if sharded else LogprobHead(ref)
+            offload = alg.cpu_offload
+            self.ref = shard_model(ref, cpu_offload=offload) if self.sharded else LogprobHead(ref)
 
     def update(self, samples: list[TrainSample], step: int) -> dict[str, float]:
         """The step's optimizer update(s) (``grpo.py`` or ``sft.py``); metrics on every rank."""
@@ -151,7 +160,7 @@ class PolicyEngine:
         """Whole weights (rank 0 passes them; the others None) into every rank's shards."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        if ranks().world == 1:
+        if not self.sharded:
             self.lm.load_state_dict(state, strict=True)
             return
         named = {f"lm.{k}": v for k, v in (state or {}).items()}
@@ -168,10 +177,10 @@ class PolicyEngine:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         self.wait_saved()
-        if ranks().world > 1 and self._checkpoint_group is None:
+        if dist.is_initialized() and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo")
         state = {"optim": get_optimizer_state_dict(self.root, self.optimizer)}
-        self._saving = dcp.async_save(state, checkpoint_id=path, no_dist=ranks().world == 1,
+        self._saving = dcp.async_save(state, checkpoint_id=path, no_dist=not dist.is_initialized(),
                                       process_group=self._checkpoint_group)  # fmt: skip
         return self._saving
 
@@ -189,18 +198,18 @@ class PolicyEngine:
         )
 
         state = {"optim": get_optimizer_state_dict(self.root, self.optimizer)}
-        dcp.load(state, checkpoint_id=path, no_dist=ranks().world == 1)
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         set_optimizer_state_dict(self.root, self.optimizer, state["optim"])
 
     def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
         """The whole AdamW state of a checkpoint from before DCP (rank 0 passes it)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        if ranks().world == 1 and state and any(isinstance(k, int) for k in state.get("state", {})):
+        if not self.sharded and state and any(isinstance(k, int) for k in state.get("state", {})):
             # Written by a trainer before ranks existed: keyed by parameter position.
             self.optimizer.load_state_dict(state)
             return
-        options = _state_options(broadcast_from_rank0=ranks().world > 1)
+        options = _state_options(broadcast_from_rank0=self.sharded)
         set_optimizer_state_dict(self.root, self.optimizer, state or {}, options=options)
 
 

@@ -106,7 +106,8 @@ def grpo_update(
         """Micro-batches of the samples ``rows``, each with its samples' step indices."""
         split = micro_batches([samples[i] for i in rows], advantages[rows],
                               size=alg.micro_batch_size, pad_id=pad_id,
-                              max_tokens=alg.max_tokens_per_micro_batch)  # fmt: skip
+                              max_tokens=alg.max_tokens_per_micro_batch,
+                              packed=alg.pack_sequences)  # fmt: skip
         return [(mb.to(device), [rows[r] for r in mb.rows]) for mb in split]
 
     def logprobs(m: torch.nn.Module, mb: MicroBatch, *, band: bool = False) -> ResponseLogprobs:

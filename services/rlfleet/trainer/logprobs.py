@@ -98,12 +98,9 @@ class LogprobHead(torch.nn.Module):
         if not chunkable(self.lm):
             return _full_logits_logprobs(self.lm, batch, temperature=temperature,
                                          entropy_band=entropy_band)  # fmt: skip
-        out = self.lm.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )
-        hidden = out.last_hidden_state  # [B, L, H]
-        index = batch.score_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
-        at_scores = torch.gather(hidden, 1, index)  # [B, T, H]: the logit rows that are needed
+        out = self.lm.get_decoder()(**_inputs(batch))
+        hidden = out.last_hidden_state  # [R, L, H]
+        at_scores = _at_scores(hidden, batch)  # [B, T, H]: the logit rows that are needed
         head = self.lm.get_output_embeddings()
         flat = token_logprobs(
             head,
@@ -123,6 +120,18 @@ class LogprobHead(torch.nn.Module):
                     rows = torch.log_softmax(head(at_scores[where]).float() / temperature, -1)
                 entropy[where] = token_entropy(rows)
         return ResponseLogprobs(logp, entropy)
+
+
+def _inputs(batch: MicroBatch) -> dict:
+    """The model's inputs: padded rows with their mask, or one packed row with position ids
+    (transformers keeps attention within each sequence of a packed row)."""
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids, "use_cache": False}  # fmt: skip
+
+
+def _at_scores(states: Tensor, batch: MicroBatch) -> Tensor:
+    """[R, L, X] per-position states → [B, T, X] at the positions scoring the responses."""
+    return states.reshape(-1, states.size(-1))[batch.score_index]
 
 
 def _outside(logp: Tensor, batch: MicroBatch, band: tuple[float, float]) -> Tensor:
@@ -168,11 +177,8 @@ def _full_logits_logprobs(
     entropy_band: tuple[float, float] | None = None,
 ) -> ResponseLogprobs:
     """The plain path: the model's own logits, gathered at the response positions."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits  # [B, L, V]
-    index = batch.score_positions.unsqueeze(-1).expand(-1, -1, logits.size(-1))
-    logp_all = torch.log_softmax(torch.gather(logits, 1, index).float() / temperature, dim=-1)
+    logits = model(**_inputs(batch)).logits  # [R, L, V]
+    logp_all = torch.log_softmax(_at_scores(logits, batch).float() / temperature, dim=-1)
     logp = torch.gather(logp_all, -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(batch.valid, logp, torch.zeros_like(logp))
     entropy = None

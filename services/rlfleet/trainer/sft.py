@@ -50,7 +50,8 @@ def sft_update(
 
     def split(rows: list[TrainSample]) -> list[MicroBatch]:
         return micro_batches(rows, zeros[: len(rows)], size=alg.micro_batch_size,
-                             pad_id=pad_id, max_tokens=alg.max_tokens_per_micro_batch)  # fmt: skip
+                             pad_id=pad_id, max_tokens=alg.max_tokens_per_micro_batch,
+                             packed=alg.pack_sequences)  # fmt: skip
 
     for mb, weight in matched(split(mine) if mine else [], filler=split(samples[:1])[0]):
         mb = mb.to(device)

@@ -28,9 +28,10 @@ SPEC = {"model": {"dtype": "bfloat16"}, "sampling": {"max_new_tokens": 4096},
                       "max_tokens_per_micro_batch": 8192}}  # fmt: skip
 
 
-def _plan(tmp_path: Path, config: dict, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+def _plan(tmp_path: Path, config: dict, *extra: str,
+          spec: dict = SPEC) -> tuple[subprocess.CompletedProcess, dict]:  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "job.json").write_text(json.dumps(SPEC))
+    (tmp_path / "job.json").write_text(json.dumps(spec))
     out = tmp_path / "plan.json"
     proc = subprocess.run(
         [*RLFLEET, "plan", str(tmp_path / "config.json"), "--spec", str(tmp_path / "job.json"),
@@ -60,6 +61,19 @@ def test_plan_gives_a_verdict_with_its_numbers(tmp_path, config, params_b, fits)
     if not fits:  # 30B: the trainer's shards do not fit on 4 ranks; plan says what would
         assert any("shard over at least" in s for s in result["suggestions"]), result
         assert "trainer: shard over at least" in proc.stdout
+        assert any("algorithm.cpu_offload = true" in s for s in result["suggestions"])
+
+
+def test_cpu_offload_takes_the_sharded_states_off_the_gpu(tmp_path):
+    """The 30B that does not fit on 4 ranks: with CPU offload the parameters, gradients
+    and AdamW state live in host memory, which plan reports apart."""
+    spec = {**SPEC, "algorithm": {**SPEC["algorithm"], "cpu_offload": True}}
+    proc, result = _plan(tmp_path, QWEN3_30B_A3B, spec=spec)
+    assert proc.returncode == 0, proc.stderr
+    parts = result["trainer"]["parts"]
+    assert parts["parameters"] == parts["gradients"] == parts["optimizer"] == 0
+    assert parts["host_offload"] == pytest.approx(16 * result["model"]["params"] / 4, rel=1e-6)
+    assert result["trainer"]["fits"] is True and "offloaded per rank" in proc.stdout
 
 
 def test_an_architecture_plan_does_not_know_is_named(tmp_path):

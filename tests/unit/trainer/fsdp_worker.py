@@ -10,7 +10,7 @@ with FSDP2 over gloo when WORLD_SIZE > 1.
                                           AdamW state from FROM.optim/ (saved by any rank
                                           count), trains step 1
 
-Rank 0 writes OUT."""
+Rank 0 writes OUT. OFFLOAD=1: ``algorithm.cpu_offload`` (FSDP2 even on one rank)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def main(model_dir: str, out_path: str, mode: str, source: str = "") -> None:
     batch = samples(model_dir)
     spec = JobSpec.model_validate({"model": {"path": model_dir}, "steps": 3, "algorithm": {
         "group_size": 4, "prompts_per_step": 3, "mini_batches": 2, "epochs": 2,
-        "micro_batch_size": 2, "clip_eps": 0.005, "lr": 1e-2}})  # fmt: skip
+        "micro_batch_size": 2, "clip_eps": 0.005, "lr": 1e-2,
+        "cpu_offload": os.environ.get("OFFLOAD") == "1"}})  # fmt: skip
     engine = PolicyEngine(spec, CPU)
     torch.manual_seed(0)
     engine.load(model_dir)

@@ -57,14 +57,30 @@ def test_collate_pads_right_and_points_at_the_scoring_logits():
     assert mb.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0], [10, 11, 0, 0, 0]]
     assert mb.attention_mask.tolist() == [[1] * 5, [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]
     # completion token j of a prompt of length P is scored by the logit at P + j − 1
-    assert mb.score_positions[0, :2].tolist() == [2, 3]
-    assert mb.score_positions[1].tolist() == [0, 1, 2]
+    # (indices into the rows flattened: row 1 starts at 5)
+    assert mb.score_index[0, :2].tolist() == [2, 3]
+    assert mb.score_index[1].tolist() == [5, 6, 7]
+    assert mb.position_ids is None
     assert mb.valid.tolist() == [[True, True, False], [True, True, True], [False] * 3]
     assert mb.logp_infer[0].tolist() == [-0.5, -0.25, 0.0]
     assert mb.advantages.tolist() == [1.0, 2.0, 3.0]
 
 
-def test_padded_logprobs_equal_single_sequence_logprobs(model):
+def test_packed_collate_puts_every_sequence_in_one_row_with_restarting_positions():
+    samples = [
+        to_train_sample(_sample("a", [1, 2, 3], [4, 5]), vocab_size=32),
+        to_train_sample(_sample("b", [6], [7, 8, 9]), vocab_size=32),
+    ]
+    mb = collate(samples, torch.tensor([1.0, 2.0]), [0, 1], pad_id=0, packed=True)
+    assert mb.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]  # no padding at all
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert mb.attention_mask is None
+    assert mb.score_index.tolist() == [[2, 3, 0], [5, 6, 7]]
+    assert mb.valid.tolist() == [[True, True, False], [True, True, True]]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_padded_logprobs_equal_single_sequence_logprobs(model, packed):
     raw = [
         _sample("a", [1, 2, 3], [4, 5]),
         _sample("b", [6], [7, 8, 9, 10]),
@@ -73,8 +89,9 @@ def test_padded_logprobs_equal_single_sequence_logprobs(model):
     ]
     samples = [to_train_sample(s, vocab_size=32) for s in raw]
     temperature = 0.7
-    batches = micro_batches(samples, torch.zeros(4), size=3, pad_id=0)
+    batches = micro_batches(samples, torch.zeros(4), size=3, pad_id=0, packed=packed)
     assert sorted(r for mb in batches for r in mb.rows) == [0, 1, 2, 3]
+    assert all(mb.input_ids.size(0) == (1 if packed else len(mb.rows)) for mb in batches)
     with torch.no_grad():
         for mb in batches:
             # A band no k reaches: the entropy at every response token.

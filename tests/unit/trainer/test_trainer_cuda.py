@@ -1,7 +1,8 @@
 """The trainer's GPU paths (scripts/gpu_check.sh runs these on a machine with one GPU;
 elsewhere they skip, which CI expects for `gpu` tests without CUDA):
 
-- FSDP2 over NCCL with one rank: the sharded update equals the plain one on the GPU;
+- FSDP2 over NCCL with one rank: the sharded update equals the plain one on the GPU, and
+  so does the CPU-offloaded one (shards and the AdamW step in host memory);
 - bf16 compute over fp32 master weights keeps updates that bf16 masters lose;
 - chunked log-probs on CUDA: the full-logits numbers, in a fraction of the memory.
 """
@@ -67,6 +68,29 @@ def test_fsdp2_over_nccl_with_one_rank_equals_the_plain_update(tmp_path):
         sharded = dict(root.lm.named_parameters())
         for name, a in plain.named_parameters():
             assert torch.allclose(a, sharded[name].full_tensor(), atol=1e-4), name
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_offload_over_nccl_equals_the_plain_update():
+    import torch.distributed as dist
+    from rlfleet.common.procs import free_port
+    from rlfleet.trainer.distributed import shard_model
+
+    plain = _lm()
+    out_plain = grpo_update(plain, torch.optim.AdamW(plain.parameters(), lr=1e-3), _samples(),
+                            spec=_spec(), step=0, device=CUDA, pad_id=0)  # fmt: skip
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)  # fmt: skip
+    try:
+        root = shard_model(_lm().cpu(), cpu_offload=True)  # built in host memory
+        out = grpo_update(root, torch.optim.AdamW(root.parameters(), lr=1e-3), _samples(),
+                          spec=_spec(), step=0, device=CUDA, pad_id=0)  # fmt: skip
+        assert out["loss"] == pytest.approx(out_plain["loss"], abs=1e-4)
+        sharded = dict(root.lm.named_parameters())
+        assert all(p.device.type == "cpu" for p in sharded.values())  # they stay on the host
+        for name, a in plain.named_parameters():
+            assert torch.allclose(a.cpu(), sharded[name].full_tensor().cpu(), atol=1e-4), name
     finally:
         dist.destroy_process_group()
 

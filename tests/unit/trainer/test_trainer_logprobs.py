@@ -86,6 +86,36 @@ def test_a_token_budget_bounds_each_micro_batch_and_the_gradient_stays_the_steps
         micro_batches(samples, torch.zeros(6), size=64, pad_id=0, max_tokens=longest - 1)
 
 
+def test_packed_micro_batches_give_the_padded_log_probs_and_gradients(model):
+    """Padding-free packing: one row, position ids restarting at each sequence; the
+    token budget then counts real tokens, so fewer micro-batches carry the same step."""
+    samples = _samples(6)
+    padded = micro_batches(samples, torch.zeros(6), size=64, pad_id=0, max_tokens=40)
+    packed = micro_batches(samples, torch.zeros(6), size=64, pad_id=0, max_tokens=40,
+                           packed=True)  # fmt: skip
+    assert all(mb.input_ids.size(0) == 1 and mb.input_ids.numel() <= 40 for mb in packed)
+    assert len(packed) < len(padded)
+    real = sum(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    assert sum(mb.input_ids.numel() for mb in packed) == real  # not one pad token
+
+    def scored(split):
+        model.zero_grad(set_to_none=True)
+        logp = {}
+        for mb in split:
+            out = response_logprobs(model, mb, temperature=0.8, chunk_tokens=4).logp
+            (out.sum() / 6).backward()
+            for b, row in enumerate(mb.rows):
+                logp[row] = out[b, : len(samples[row].completion_ids)].detach()
+        return logp, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want_logp, want_grads = scored(padded)
+    got_logp, got_grads = scored(packed)
+    for row, value in want_logp.items():
+        assert torch.allclose(got_logp[row], value, atol=1e-5), row
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-5), name
+
+
 def test_activation_checkpointing_gives_the_same_gradients(model):
     from rlfleet.trainer.checkpointing import enable_activation_checkpointing
 
