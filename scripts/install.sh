@@ -4,11 +4,13 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-# Debian packages: redis-server (the embedded Redis) and prometheus (promtool checks
-# the alert rules; the server scrapes a running fleet in the tests).
+# Debian packages: redis-server (the embedded Redis), prometheus (promtool checks
+# the alert rules; the server scrapes a running fleet in the tests) and
+# prometheus-alertmanager (receives the alerts a test makes fire).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if ((${#missing[@]})) && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get"
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

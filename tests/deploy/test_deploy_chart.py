@@ -502,7 +502,15 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
     cls = config_class(service)
     container = _container(objects, service)
     args = list(container["args"])
-    assert container["command"] == ["rlfleet"] and args[0] == service
+    if container["command"] == ["torchrun"]:
+        # A trainer with several ranks: torchrun's flags, then `--module rlfleet.trainer` and
+        # the same flags `rlfleet trainer` takes.
+        i = args.index("--module")
+        assert service == "trainer" and args[i + 1] == "rlfleet.trainer"
+        args = [service, *args[i + 2 :]]
+    else:
+        assert container["command"] == ["rlfleet"]
+    assert args[0] == service
     args = args[1:]
     for flag, field in (("--engine", "engine"),):
         # Engines the chart offers ahead of the rollout service (documented in its README).
