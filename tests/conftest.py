@@ -96,12 +96,18 @@ def _always() -> bool:
 # reason, condition under which the skip is expected, why). Anything else that skips
 # under CI=true fails; add an entry here only for a skip no installation can avoid.
 EXPECTED_SKIPS: list[tuple[str, str, Callable[[], bool], str]] = [
-    (
-        "tests/unit/rollout/test_vllm_engine.py",
-        r"^vLLM is not installed here",
-        _not_the_vllm_venv,
-        "the main venv has no vLLM; `make test` runs this module again with "
-        ".venv-vllm/bin/python, where it must not skip",
+    *(
+        (
+            module,
+            r"^vLLM is not installed here",
+            _not_the_vllm_venv,
+            "the main venv has no vLLM; `make test` runs this module again with "
+            ".venv-vllm/bin/python, where it must not skip",
+        )
+        for module in (
+            "tests/unit/rollout/test_vllm_engine.py",
+            "tests/unit/rollout/test_vllm_architectures.py",
+        )
     ),
     (
         "tests/e2e/test_fleet_vllm.py::test_up_with_vllm_and_no_vllm_anywhere",

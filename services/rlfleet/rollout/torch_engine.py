@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rlfleet.common.checkpoint_names import to_model_names
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from rlfleet.rollout import metrics
 from rlfleet.rollout.engine import (
@@ -177,6 +178,9 @@ class TorchEngine(RolloutEngine):
         model = self._model
         if model is None:
             raise FailedPrecondition("no model is loaded; load a model before its weights")
+        # A version carries checkpoint names (a MoE's experts one by one); the model in
+        # memory may fuse them (transformers 5): convert as from_pretrained would.
+        state = to_model_names(model, state)
         target = model.state_dict()  # tensors share storage with the live parameters
         unknown = sorted(set(state) - set(target))
         if unknown:

@@ -566,25 +566,18 @@ def _check_state(state: Mapping[str, torch.Tensor], info: _ModelInfo, version: i
 
 
 def _hf_tensors(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Names and shapes of the HF model's state dict (what a trainer sends), and ties.
+    """Names and shapes of the model's published checkpoint (what a trainer sends: a MoE's
+    experts one by one, ``common/checkpoint_names.py``), and which names are one tensor.
 
-    The model is built on the meta device: no memory, no weights read.
+    From the config alone: a tensor-free model on the meta device, no weights read.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from rlfleet.common.checkpoint_names import checkpoint_specs, checkpoint_tie_groups
 
     config = AutoConfig.from_pretrained(str(path))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    by_param: dict[int, int] = {}
-    tie_groups = {
-        name: by_param.setdefault(id(param), len(by_param))
-        for name, param in model.named_parameters(remove_duplicate=False)
-    }
-    for name in shapes:  # persistent buffers: each a tensor of its own
-        tie_groups.setdefault(name, len(by_param) + len(tie_groups))
-    return shapes, tie_groups
+    shapes = {name: shape for name, (shape, _) in checkpoint_specs(config).items()}
+    return shapes, checkpoint_tie_groups(config)
 
 
 def _eos_ids(path: Path) -> set[int]:

@@ -59,6 +59,7 @@ class RolloutWorkerExtension:
         """Copies checkpoint-format (HF-named) tensors into the live model, in place."""
         self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         _refresh_cpu_packs(self.model_runner.model)
+        _refresh_cpu_moe_packs(self.model_runner.model)
 
 
 def _refresh_cpu_packs(model) -> None:
@@ -80,3 +81,20 @@ def _refresh_cpu_packs(model) -> None:
             and weight.numel() > 0
         ):
             method.process_weights_after_loading(module)
+
+
+def _refresh_cpu_moe_packs(model) -> None:
+    """Re-packs the experts of MoE layers that run on vLLM's CPU MoE kernel.
+
+    Their ``process_weights_after_loading`` pads and pre-packs w13/w2 into the kernel's
+    layout on the first load only; an in-place reload leaves the new expert weights
+    unpacked (measured: log-probs off by ~0.35). A version always carries every expert
+    weight, so after each reload they are in checkpoint layout and are packed once here.
+    """
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if experts is None or not hasattr(module, "w13_weight"):
+            continue
+        if type(experts).__module__.rsplit(".", 1)[-1] == "cpu_moe":
+            experts.process_weights_after_loading(module)

@@ -26,6 +26,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlfleet.common.checkpoint_names import (
+    checkpoint_specs,
+    gather_in_checkpoint_names,
+    to_model_names,
+)
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.batching import TrainSample
 from rlfleet.trainer.checkpointing import enable_activation_checkpointing
@@ -129,16 +134,21 @@ class PolicyEngine:
 
     # -- weights and optimizer state (collectives) -----------------------------------
     def weight_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """(name, whole shape, dtype) of every weight the causal LM publishes, from
-        metadata: nothing is gathered (a sharded parameter knows its global shape)."""
-        return [(k, tuple(v.shape), v.dtype) for k, v in self.lm.state_dict().items()]
+        """(name, whole shape, dtype) of every tensor the published checkpoint holds, under
+        the checkpoint's names (a MoE's fused experts per expert again:
+        ``common/checkpoint_names.py``), from metadata: nothing is gathered (a sharded
+        parameter knows its global shape)."""
+        return [(n, shape, dtype) for n, (shape, dtype) in checkpoint_specs(self.lm).items()]
 
     def gather(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The whole tensors of ``names`` (a bucket) on rank 0; the others get {}.
+        """The whole tensors of the checkpoint ``names`` (a bucket) on rank 0; the others
+        get {}. Every rank gathers the in-memory tensors they are made of."""
+        return gather_in_checkpoint_names(self.lm, names, self._gather_model_names)
 
-        Sharded: each is all-gathered (every rank takes part), one bucket at a time, so
-        no rank ever holds more than a bucket of whole tensors beside its shards. One
-        rank: the live tensors themselves (the caller copies them)."""
+    def _gather_model_names(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors by in-memory name. Sharded: each is all-gathered (every rank takes
+        part), one bucket at a time, so no rank ever holds more than a bucket of whole
+        tensors beside its shards. One rank: the live tensors (the caller copies them)."""
         state = self.lm.state_dict()
         main = ranks().main
         out = {}
@@ -157,9 +167,12 @@ class PolicyEngine:
         return self.gather([name for name, _, _ in self.weight_specs()])
 
     def load_weights(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Whole weights (rank 0 passes them; the others None) into every rank's shards."""
+        """Whole weights under checkpoint names (a published version; rank 0 passes them,
+        the others None) into every rank's shards."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
+        if state is not None:
+            state = to_model_names(self.lm, state)
         if not self.sharded:
             self.lm.load_state_dict(state, strict=True)
             return
