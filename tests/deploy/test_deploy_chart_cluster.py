@@ -903,3 +903,23 @@ def test_nothing_here_assumes_the_clock():
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     assert abs((now - stamp).total_seconds()) < 60
     assert request.full_url == "https://b.s3.us-east-1.amazonaws.com/k"
+
+
+def test_the_weight_group_opens_trainer_and_rollout_to_each_other_when_asked():
+    """networkPolicy.weightGroup: a collective job's gloo group connects every member to
+    every other on ports gloo picks; the trainer meets the replicas at its pod IP."""
+    objects = render({"networkPolicy": {"weightGroup": True}})
+    for name in ("trainer", "rollout"):
+        policy = find(objects, "NetworkPolicy", f"rlfleet-{name}")["spec"]
+        open_from = [
+            {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in r["from"]}
+            for r in policy["ingress"] if "ports" not in r
+        ]  # fmt: skip
+        assert {"trainer", "rollout"} in open_from, (name, open_from)
+    closed = find(render(), "NetworkPolicy", "rlfleet-rollout")["spec"]  # the default: off
+    assert all("ports" in r for r in closed["ingress"])
+    trainer = find(objects, "StatefulSet", "rlfleet-trainer")
+    env = {e["name"]: e for e in trainer["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RLFLEET_TRAINER_WEIGHT_GROUP_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "status.podIP"
+    )

@@ -283,8 +283,15 @@ match), and `memory` (when given) as both the memory request and limit. */}}
       fieldPath: metadata.name
 - name: RLFLEET_ROLLOUT_ADVERTISE_ADDRESS
   value: {{ printf "$(RLFLEET_ROLLOUT_REPLICA_ID).%s.%s.svc:%d" (include "rlfleet.componentName" .) $root.Release.Namespace (int $root.Values.ports.grpc) | quote }}
-{{- else if and (eq .name "trainer") (include "rlfleet.trainerDistributed" $root) }}
+{{- else if eq .name "trainer" }}
+# Replicas of a collective job (weights.transport) meet the trainer at its pod IP.
+- name: RLFLEET_TRAINER_WEIGHT_GROUP_HOST
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- if include "rlfleet.trainerDistributed" $root }}
 {{ include "rlfleet.trainerRankEnv" $root }}
+{{- end }}
 {{- else if and (eq .name "scheduler") (eq $root.Values.scheduler.rolloutDiscovery "kubernetes") }}
 # Where the scheduler looks for rollout pods through the Kubernetes API (the Role allows
 # get/list/watch of pods and endpoints in this namespace only).

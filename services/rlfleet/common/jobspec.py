@@ -405,6 +405,17 @@ class EvalSpec(_Spec):
     """A sample counts as correct when its reward is at least this."""
 
 
+class WeightsSpec(_Spec):
+    transport: Literal["tcp", "collective"] = "tcp"
+    """How a new version reaches the replicas. tcp: each pulls it from weight-sync.
+    collective: the trainer also broadcasts it over a process group of the job's
+    replicas while it gathers it (``common/weight_group.py``), and weight-sync serves only
+    those that missed it (a late joiner, a broken group)."""
+    group_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long the trainer waits for the replicas to join, or for one broadcast, before it
+    gives the group up (the version still reaches them from weight-sync)."""
+
+
 class ResourcesSpec(_Spec):
     rollout_replicas: int = Field(default=0, ge=0)
     """Rollout replicas to use (0: every registered replica)."""
@@ -422,6 +433,8 @@ class JobSpec(_Spec):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    """How new versions travel to the rollout replicas."""
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     """Experiment trackers of the step metrics: TensorBoard, MLflow, W&B (with its key)."""
     eval: EvalSpec | None = None

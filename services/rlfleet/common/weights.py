@@ -111,9 +111,10 @@ class PayloadLayout:
         }
         return cls(head, slots, base + offset)
 
-    def names(self) -> list[str]:
-        """Tensor names in payload order."""
-        return list(self.slots)
+    @property
+    def data_start(self) -> int:
+        """Where the tensors begin: the 8-byte length and the header come before."""
+        return 8 + len(self.head)
 
     def write_header(self, buf: Buffer) -> None:
         view = memoryview(buf).cast("B")

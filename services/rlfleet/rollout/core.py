@@ -16,8 +16,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlfleet.common.errors import DataLoss, FailedPrecondition, InvalidArgument
+from rlfleet.common.weight_transport import BufferPool
 from rlfleet.common.weights import decode_state_dict
 from rlfleet.common.weightsync_client import WeightSyncClient
 from rlfleet.rollout import metrics
@@ -29,6 +31,9 @@ from rlfleet.rollout.engine import (
     SeqResult,
     validate_generate,
 )
+
+if TYPE_CHECKING:
+    from rlfleet.common.weight_group import GroupAddress, WeightReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,9 @@ class RolloutCore:
         self._inflight: set[_InFlight] = set()
         self._load_lock = threading.Lock()  # one LoadVersion at a time
         self._weightsync_clients: dict[str, WeightSyncClient] = {}  # used under _load_lock
+        # A job's weight group (common/weight_group.py): versions broadcast by the trainer.
+        self._receiver: WeightReceiver | None = None
+        self._group_buffers = BufferPool(keep=1)
         metrics.POLICY_VERSION.set(engine.version)
 
     # -- generation -------------------------------------------------------------------
@@ -175,8 +183,10 @@ class RolloutCore:
 
     def load_version(
         self, *, job_id: str, version: int, model_path: str = "", weightsync_address: str = ""
-    ) -> tuple[int, float]:
-        """Pulls ``version`` of ``job_id`` from weight-sync and swaps it in; returns (version, s).
+    ) -> tuple[int, float, str]:
+        """Swaps ``version`` of ``job_id`` in: the copy the job's weight group delivered
+        when it holds that version whole, else pulled from weight-sync. Returns (version,
+        seconds, how: "weight-group", "weight-sync" or "held").
 
         Builds ``model_path`` first when the replica holds another model. Loading
         the version already held is cheap (no transfer), so callers may retry.
@@ -205,8 +215,9 @@ class RolloutCore:
             held = (self.job_id, self.engine.version) == (job_id, version)
             if job_id != self.job_id:
                 self.engine.drop_kept_kv()  # another job's seq_ids could match its rows
+            via = "held"
             if switched or version == 0 or not held:
-                got = self._pull_and_swap(address, job_id, version)
+                got, via = self._receive_or_pull(address, job_id, version)
                 self.job_id = job_id
             else:
                 got = version
@@ -216,9 +227,42 @@ class RolloutCore:
         metrics.WEIGHT_LOAD_SECONDS.observe(seconds)
         logger.info(
             "version loaded",
-            extra={"job_id": job_id, "version": got, "seconds": round(seconds, 3)},
+            extra={"job_id": job_id, "version": got, "seconds": round(seconds, 3), "via": via},
         )
-        return got, seconds
+        return got, seconds, via
+
+    def join_weight_group(self, job_id: str, group: GroupAddress, rank: int) -> None:
+        """Joins ``job_id``'s weight group as ``rank`` (a thread receives from now on);
+        leaves the previous group."""
+        if not job_id:
+            raise InvalidArgument("job_id is empty; name the job whose weight group to join")
+        if group.backend != "gloo":
+            raise InvalidArgument(f"weight group backend {group.backend!r} is not supported: gloo")
+        if not 1 <= rank < group.world_size:
+            raise InvalidArgument(
+                f"rank {rank} is outside the replicas' ranks 1..{group.world_size - 1} of the "
+                "weight group (rank 0 is the trainer)"
+            )
+        from rlfleet.common.weight_group import WeightReceiver  # torch: only where it is used
+
+        if self._receiver is not None:
+            self._receiver.close()
+        self._receiver = WeightReceiver(group, rank, job_id=job_id, alloc=self._group_buffers.take,
+                                        release=self._group_buffers.give)  # fmt: skip
+        logger.info("joined a weight group", extra={"job_id": job_id, "rank": rank,
+                                                    "generation": group.generation})  # fmt: skip
+
+    def _receive_or_pull(self, address: str, job_id: str, version: int) -> tuple[int, str]:
+        received = self._receiver.take(job_id, version) if self._receiver and version else None
+        if received is None:
+            return self._pull_and_swap(address, job_id, version), "weight-sync"
+        try:
+            state = decode_state_dict(received.payload)
+            self.engine.load_state_dict(state, version)
+            del state  # views of the buffer, dropped before it is reused
+        finally:
+            self._group_buffers.give(received.payload)
+        return version, "weight-group"
 
     def _client(self, address: str) -> WeightSyncClient:
         """One client per weight-sync address, kept: it remembers where the data plane is."""
@@ -276,6 +320,8 @@ class RolloutCore:
 
     def close(self) -> None:
         self.abort()
+        if self._receiver is not None:
+            self._receiver.close()
         self.engine.close()
         for client in self._weightsync_clients.values():
             client.close()

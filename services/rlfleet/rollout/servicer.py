@@ -63,13 +63,21 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return rollout_pb2.AbortResponse(aborted=self.core.abort())
 
     def LoadVersion(self, request, context) -> rollout_pb2.LoadVersionResponse:
-        version, seconds = self.core.load_version(
+        version, seconds, via = self.core.load_version(
             job_id=request.job_id,
             version=request.version,
             model_path=request.model_path,
             weightsync_address=request.weightsync_address,
         )
-        return rollout_pb2.LoadVersionResponse(version=version, load_seconds=seconds)
+        return rollout_pb2.LoadVersionResponse(version=version, load_seconds=seconds, via=via)
+
+    def JoinWeightGroup(self, request, context) -> rollout_pb2.JoinWeightGroupResponse:
+        from rlfleet.common.weight_group import GroupAddress
+
+        g = request.group
+        group = GroupAddress(g.host, g.port, g.world_size, g.generation, g.backend or "gloo")
+        self.core.join_weight_group(request.job_id, group, request.rank)
+        return rollout_pb2.JoinWeightGroupResponse()
 
     def GetStatus(self, request, context) -> rollout_pb2.RolloutStatus:
         s = self.core.status()

@@ -75,6 +75,15 @@ class ServiceClients:
             timeout=self.timeouts.train,
         )
 
+    def open_weight_group(self, job_id: str, world_size: int) -> common_pb2.WeightGroupAddress:
+        return self._call(
+            "trainer",
+            "OpenWeightGroup",
+            self.trainer.OpenWeightGroup,
+            trainer_pb2.OpenWeightGroupRequest(job_id=job_id, world_size=world_size),
+            timeout=self.timeouts.init,
+        )
+
     def score(
         self,
         job_id: str,

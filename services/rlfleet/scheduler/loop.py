@@ -29,6 +29,7 @@ from rlfleet.scheduler.samples import load_codec
 from rlfleet.scheduler.store import JobStore
 from rlfleet.scheduler.strategy import RolloutStrategy, StepContext, setup_strategy
 from rlfleet.scheduler.tracking import Tracker, open_trackers
+from rlfleet.scheduler.weight_groups import WeightGroups
 from rlfleet.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class JobRunner:
         self.store = store
         self.pool = pool
         self.clients = clients
+        self.weight_groups = WeightGroups(pool, clients)
         self.score_batch_size = score_batch_size
         self.tracking_dir = tracking_dir
         self.mlflow_tracking_uri = mlflow_tracking_uri
@@ -121,6 +123,8 @@ class JobRunner:
         except BaseException:
             tracker.close(outcome=None)
             raise
+        finally:
+            self.weight_groups.forget(job_id)
         strategy.finish(job_id)
         tracker.close(outcome="succeeded")
         return self.store.transition(job_id, JobState.SUCCEEDED)
@@ -187,9 +191,11 @@ class JobRunner:
                     rewards, written, terms = self._score(job_id, spec, rollout.samples)
             self._check(job_id, ctx.stop)
             with _phase("train", timings):
+                self.weight_groups.ensure(job_id, spec)
                 trained = self.clients.train_step(job_id, step, len(rollout.samples))
+                self.weight_groups.after_step(job_id, dict(trained.metrics))
             with _phase("sync", timings):
-                self.pool.ensure_version(
+                synced = self.pool.ensure_version(
                     job_id=job_id, version=trained.version, model_path=spec.model.path, limit=limit
                 )
             evaluated = {}
@@ -209,6 +215,7 @@ class JobRunner:
             "samples_written": float(written),
             "samples_trained": float(trained.samples_trained),
             "policy_version": float(trained.version),
+            "replicas_via_weight_group": float(sum(r.loaded_via == "weight-group" for r in synced)),
         }
         self.store.record_step(job_id, step, step_metrics, policy_version=trained.version)
         tracker.log_step(step, step_metrics)

@@ -52,6 +52,7 @@ class Replica:
     calls: list = field(default_factory=list)  # Generate streams in flight (to cancel)
     missed_heartbeats: int = 0
     lost: str = ""  # why its streams were cancelled for want of a heartbeat
+    loaded_via: str = ""  # how it got its last version: weight-group, weight-sync or held
 
     def holds(self, job_id: str, version: int) -> bool:
         return self.healthy and self.job_id == job_id and self.version == version
@@ -191,11 +192,13 @@ class ReplicaPool:
                 )
                 return
             replica.job_id, replica.version = job_id, reply.version
+            replica.loaded_via = reply.via
             logger.info(
-                "rollout replica %s loaded version %d in %.2fs",
+                "rollout replica %s loaded version %d in %.2fs (%s)",
                 replica,
                 reply.version,
                 reply.load_seconds,
+                reply.via or "weight-sync",
             )
 
         self._each(lagging, load)

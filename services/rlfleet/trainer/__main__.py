@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
         mirror=mirror,
         gather_bucket_bytes=cfg.gather_bucket_mb * 1024 * 1024,
+        weight_group_host=cfg.weight_group_host,
     )
 
     def register(server) -> None:

@@ -33,6 +33,9 @@ class TrainerConfig(ServiceConfig):
     gather_bucket_mb: int = Field(default=512, ge=1)
     """Publishing gathers the whole weights from the ranks' shards this many MiB at a time
     (the most of them any rank holds at once beside its shards and the payload)."""
+    weight_group_host: str = "127.0.0.1"
+    """The address replicas reach this trainer at for a job's weight group (the pod's IP
+    in a cluster); the group's port is picked per group."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the policy lives; auto: cuda if available, else cpu."""
     torch_threads: int = Field(default=0, ge=0)

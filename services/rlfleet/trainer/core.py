@@ -18,6 +18,7 @@ import torch
 from rlfleet.common.buffer import ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.weight_group import GroupAddress
 from rlfleet.trainer.engine import RankMirror
 from rlfleet.trainer.job import JobTrainer
 from rlfleet.trainer.publish import GATHER_BUCKET_BYTES, WeightPublisher
@@ -54,9 +55,11 @@ class TrainerCore:
         device: torch.device | None = None,
         mirror: RankMirror | None = None,
         gather_bucket_bytes: int = GATHER_BUCKET_BYTES,
+        weight_group_host: str = "127.0.0.1",
     ):
         self.buffer = buffer
         self.gather_bucket_bytes = gather_bucket_bytes
+        self.weight_group_host = weight_group_host
         self.store = store
         self.publisher = publisher
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -106,6 +109,7 @@ class TrainerCore:
                 device=self.device,
                 mirror=self.mirror,
                 gather_bucket_bytes=self.gather_bucket_bytes,
+                weight_group_host=self.weight_group_host,
             )
             version, resumed = trainer.init_job()
             self.jobs[job_id] = trainer
@@ -119,13 +123,22 @@ class TrainerCore:
             if stored is not None:  # answered before a restart: no model needed
                 self.buffer.ack(job_id, stored.entry_ids)
                 return stored
-            spec_json = self.store.get_spec(job_id)
-            if spec_json is None:
-                raise NotFound(f"job {job_id} was never initialised; call InitJob first")
-            logger.info("resuming a job after a restart", extra={"job_id": job_id})
-            self.init_job(job_id, JobSpec.model_validate_json(spec_json))
-            trainer = self.jobs[job_id]
+            trainer = self._reload(job_id)
         return trainer.train_step(step, num_samples)
+
+    def _reload(self, job_id: str) -> JobTrainer:
+        """A job this process has not seen since a restart: its spec from Redis, resumed."""
+        spec_json = self.store.get_spec(job_id)
+        if spec_json is None:
+            raise NotFound(f"job {job_id} was never initialised; call InitJob first")
+        logger.info("resuming a job after a restart", extra={"job_id": job_id})
+        self.init_job(job_id, JobSpec.model_validate_json(spec_json))
+        return self.jobs[job_id]
+
+    def open_weight_group(self, job_id: str, world_size: int) -> GroupAddress:
+        check_job_id(job_id)
+        trainer = self.jobs.get(job_id) or self._reload(job_id)
+        return trainer.open_weight_group(world_size)
 
     def status(self, job_id: str) -> tuple[int, int]:
         """(version, last_step) of a job this process holds."""

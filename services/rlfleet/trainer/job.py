@@ -32,13 +32,20 @@ import torch
 from rlfleet.common.buffer import Entry, ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 from rlfleet.common.jobspec import JobSpec
+from rlfleet.common.procs import free_port
+from rlfleet.common.weight_group import GroupAddress, WeightSender
 from rlfleet.common.weight_transport import BufferPool
-from rlfleet.common.weights import Buffer
+from rlfleet.common.weights import Buffer, checksum_of
 from rlfleet.trainer import metrics as prom
 from rlfleet.trainer.batching import to_train_sample
 from rlfleet.trainer.checkpoint import OPTIMIZER_DIR, CheckpointInfo, CheckpointStore
 from rlfleet.trainer.engine import PolicyEngine, RankMirror, pick_device
-from rlfleet.trainer.publish import GATHER_BUCKET_BYTES, WeightPublisher, gather_payload
+from rlfleet.trainer.publish import (
+    GATHER_BUCKET_BYTES,
+    PayloadStream,
+    WeightPublisher,
+    gather_payload,
+)
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
@@ -62,6 +69,7 @@ class JobTrainer:
         device: torch.device | None = None,
         mirror: RankMirror | None = None,
         gather_bucket_bytes: int = GATHER_BUCKET_BYTES,
+        weight_group_host: str = "127.0.0.1",
     ):
         self.job_id = job_id
         self.spec = spec
@@ -86,6 +94,8 @@ class JobTrainer:
         self._payloads = BufferPool(keep=2)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-{job_id}")
         self._writing: Future | None = None
+        self.weight_group_host = weight_group_host
+        self._sender: WeightSender | None = None  # the job's weight group, when open
 
     # ------------------------------------------------------------------ init
     def init_job(self) -> tuple[int, bool]:
@@ -242,8 +252,11 @@ class JobTrainer:
 
     def _finish(self, result: StepResult) -> StepResult:
         """Publish, checkpoint (if due and missing), store, acknowledge — safe to repeat."""
-        payload = self._gather()
+        broadcast = _Broadcast(self._sender, result.version) if self._sender else None
+        payload = self._gather(stream=broadcast)
         try:
+            if broadcast is not None:
+                result.metrics.update(broadcast.finish(payload))
             self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
             if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
                 self._checkpoint(result, payload)
@@ -310,11 +323,32 @@ class JobTrainer:
             )
         return list(taken.values())
 
-    def _gather(self) -> Buffer:
-        """The whole weights, a bucket at a time from every rank, in one payload."""
+    def _gather(self, stream: PayloadStream | None = None) -> Buffer:
+        """The whole weights, a bucket at a time from every rank, in one payload (each
+        bucket also to ``stream`` as soon as it is written)."""
         specs = self.mirror.call(self.job_id, "weight_specs")
         return gather_payload(specs, lambda names: self.mirror.call(self.job_id, "gather", names),
-                              self._payloads.take, bucket_bytes=self.gather_bucket_bytes)  # fmt: skip
+                              self._payloads.take, bucket_bytes=self.gather_bucket_bytes,
+                              stream=stream)  # fmt: skip
+
+    # ------------------------------------------------------------------ weight group
+    def open_weight_group(self, world_size: int) -> GroupAddress:
+        """A new weight group for the job (the previous one is dropped); returns where its
+        members meet. Versions trained from now on are broadcast over it."""
+        if world_size < 2:
+            raise InvalidArgument(
+                f"a weight group needs the trainer and at least one replica; world_size is "
+                f"{world_size}"
+            )
+        with self._lock:
+            if self._sender is not None:
+                self._sender.close()
+            address = GroupAddress(self.weight_group_host, free_port(), world_size,
+                                   time.time_ns() // 1000)  # fmt: skip
+            self._sender = WeightSender(address, timeout_s=self.spec.weights.group_timeout_s)
+        logger.info("weight group opened", extra={"job_id": self.job_id, "members": world_size,
+                                                  "generation": address.generation})  # fmt: skip
+        return address
 
     def _publish(self, version: int) -> None:
         payload = self._gather()
@@ -392,3 +426,27 @@ class JobTrainer:
         except Exception:  # noqa: BLE001
             pass
         self._writer.shutdown(wait=True)
+        if self._sender is not None:
+            self._sender.close()
+
+
+class _Broadcast:
+    """One version's broadcast over the weight group, fed bucket by bucket as the payload
+    is gathered; any failure leaves the group (the version still goes to weight-sync)."""
+
+    def __init__(self, sender: WeightSender, version: int):
+        self.sender, self.version = sender, version
+        self.ok = not sender.broken
+        self.start = time.perf_counter()
+
+    def begin(self, num_bytes: int) -> None:
+        self.ok = self.ok and self.sender.begin(self.version, num_bytes)
+
+    def send(self, payload: Buffer, start: int, end: int) -> None:
+        self.ok = self.ok and self.sender.send(payload, start, end)
+
+    def finish(self, payload: Buffer) -> dict[str, float]:
+        """Ends the version with its checksum; the step metrics of the broadcast."""
+        self.ok = self.ok and self.sender.end(checksum_of(payload))
+        return {"weights_broadcast": float(self.ok),
+                "weights_broadcast_seconds": time.perf_counter() - self.start}  # fmt: skip

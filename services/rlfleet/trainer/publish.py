@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 
@@ -51,23 +52,40 @@ def buckets(layout: PayloadLayout, bucket_bytes: int) -> Iterator[list[str]]:
         yield bucket
 
 
+class PayloadStream(Protocol):
+    """Where a payload's bytes go as soon as they are final (a weight group)."""
+
+    def begin(self, num_bytes: int) -> None: ...
+
+    def send(self, payload: Buffer, start: int, end: int) -> None: ...
+
+
 def gather_payload(
     specs: Iterable[tuple[str, Sequence[int], torch.dtype]],
     gather: Callable[[list[str]], dict[str, torch.Tensor]],
     alloc: Callable[[int], Buffer],
     *,
     bucket_bytes: int = GATHER_BUCKET_BYTES,
+    stream: PayloadStream | None = None,
 ) -> Buffer:
     """A version's payload: laid out from ``specs`` (names, whole shapes, dtypes), then
-    filled bucket by bucket with the whole tensors ``gather(names)`` returns."""
+    filled bucket by bucket with the whole tensors ``gather(names)`` returns. Buckets
+    follow the payload's order, so each one's bytes are final once written: ``stream``
+    gets the header, then every bucket, while the next is gathered."""
     layout = PayloadLayout.of(specs)
     payload = alloc(layout.size)
     layout.write_header(payload)
+    if stream is not None:
+        stream.begin(layout.size)
+        stream.send(payload, 0, layout.data_start)
     for names in buckets(layout, bucket_bytes):
         got = gather(names)
         for name in names:
             layout.write(payload, name, got.pop(name))
         del got
+        if stream is not None:
+            first, last = layout.slots[names[0]], layout.slots[names[-1]]
+            stream.send(payload, first[0], last[0] + last[1])
     return payload
 
 

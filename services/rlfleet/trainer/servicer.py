@@ -8,7 +8,7 @@ from rlfleet.common.errors import InvalidArgument
 from rlfleet.common.grpc_server import describe_validation_error
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.trainer.core import TrainerCore
-from rlfleet.v1 import trainer_pb2, trainer_pb2_grpc
+from rlfleet.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -37,3 +37,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.TrainerStatus(
             job_id=request.job_id, version=version, last_step=last_step
         )
+
+    def OpenWeightGroup(self, request, context):
+        group = self.core.open_weight_group(request.job_id, request.world_size)
+        return common_pb2.WeightGroupAddress(host=group.host, port=group.port,
+                                             world_size=group.world_size,
+                                             generation=group.generation,
+                                             backend=group.backend)  # fmt: skip

@@ -45,3 +45,17 @@ class PolicyVersion(_message.Message):
     checksum: str
     num_bytes: int
     def __init__(self, version: _Optional[int] = ..., checksum: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightGroupAddress(_message.Message):
+    __slots__ = ("host", "port", "world_size", "generation", "backend")
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    host: str
+    port: int
+    world_size: int
+    generation: int
+    backend: str
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., generation: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -1,3 +1,4 @@
+from rlfleet.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -5,6 +6,20 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinWeightGroupRequest(_message.Message):
+    __slots__ = ("job_id", "group", "rank")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    group: _common_pb2.WeightGroupAddress
+    rank: int
+    def __init__(self, job_id: _Optional[str] = ..., group: _Optional[_Union[_common_pb2.WeightGroupAddress, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class JoinWeightGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "max_new_tokens", "seed", "resume_kv")
@@ -81,12 +96,14 @@ class LoadVersionRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., model_path: _Optional[str] = ..., weightsync_address: _Optional[str] = ...) -> None: ...
 
 class LoadVersionResponse(_message.Message):
-    __slots__ = ("version", "load_seconds")
+    __slots__ = ("version", "load_seconds", "via")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
     version: int
     load_seconds: float
-    def __init__(self, version: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    via: str
+    def __init__(self, version: _Optional[int] = ..., load_seconds: _Optional[float] = ..., via: _Optional[str] = ...) -> None: ...
 
 class RolloutStatusRequest(_message.Message):
     __slots__ = ()

@@ -55,6 +55,11 @@ class RolloutServiceStub:
                 request_serializer=rlfleet_dot_v1_dot_rollout__pb2.RolloutStatusRequest.SerializeToString,
                 response_deserializer=rlfleet_dot_v1_dot_rollout__pb2.RolloutStatus.FromString,
                 _registered_method=True)
+        self.JoinWeightGroup = channel.unary_unary(
+                '/rlfleet.v1.RolloutService/JoinWeightGroup',
+                request_serializer=rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupRequest.SerializeToString,
+                response_deserializer=rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServiceServicer:
@@ -90,6 +95,15 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinWeightGroup(self, request, context):
+        """JoinWeightGroup joins a job's weight group as `rank` (in the background: it returns at
+        once); versions broadcast over it are received whole and verified, and a later
+        LoadVersion of such a version loads it without pulling. Replaces a previous group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=rlfleet_dot_v1_dot_rollout__pb2.RolloutStatusRequest.FromString,
                     response_serializer=rlfleet_dot_v1_dot_rollout__pb2.RolloutStatus.SerializeToString,
+            ),
+            'JoinWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWeightGroup,
+                    request_deserializer=rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupRequest.FromString,
+                    response_serializer=rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class RolloutService:
             '/rlfleet.v1.RolloutService/GetStatus',
             rlfleet_dot_v1_dot_rollout__pb2.RolloutStatusRequest.SerializeToString,
             rlfleet_dot_v1_dot_rollout__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlfleet.v1.RolloutService/JoinWeightGroup',
+            rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupRequest.SerializeToString,
+            rlfleet_dot_v1_dot_rollout__pb2.JoinWeightGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

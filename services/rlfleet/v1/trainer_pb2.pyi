@@ -1,3 +1,4 @@
+from rlfleet.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -5,6 +6,14 @@ from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class OpenWeightGroupRequest(_message.Message):
+    __slots__ = ("job_id", "world_size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    world_size: int
+    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class InitJobRequest(_message.Message):
     __slots__ = ("job_id", "spec_json")

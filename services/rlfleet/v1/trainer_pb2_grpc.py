@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from rlfleet.v1 import common_pb2 as rlfleet_dot_v1_dot_common__pb2
 from rlfleet.v1 import trainer_pb2 as rlfleet_dot_v1_dot_trainer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -50,6 +51,11 @@ class TrainerServiceStub:
                 request_serializer=rlfleet_dot_v1_dot_trainer__pb2.TrainerStatusRequest.SerializeToString,
                 response_deserializer=rlfleet_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
                 _registered_method=True)
+        self.OpenWeightGroup = channel.unary_unary(
+                '/rlfleet.v1.TrainerService/OpenWeightGroup',
+                request_serializer=rlfleet_dot_v1_dot_trainer__pb2.OpenWeightGroupRequest.SerializeToString,
+                response_deserializer=rlfleet_dot_v1_dot_common__pb2.WeightGroupAddress.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -79,6 +85,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenWeightGroup(self, request, context):
+        """OpenWeightGroup starts a job's weight group of world_size members (this trainer as
+        rank 0, then the replicas the scheduler tells to join): later versions are broadcast
+        over it while they are gathered, beside the push to weight-sync. Replaces the job's
+        previous group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +112,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=rlfleet_dot_v1_dot_trainer__pb2.TrainerStatusRequest.FromString,
                     response_serializer=rlfleet_dot_v1_dot_trainer__pb2.TrainerStatus.SerializeToString,
+            ),
+            'OpenWeightGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenWeightGroup,
+                    request_deserializer=rlfleet_dot_v1_dot_trainer__pb2.OpenWeightGroupRequest.FromString,
+                    response_serializer=rlfleet_dot_v1_dot_common__pb2.WeightGroupAddress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +201,33 @@ class TrainerService:
             '/rlfleet.v1.TrainerService/GetStatus',
             rlfleet_dot_v1_dot_trainer__pb2.TrainerStatusRequest.SerializeToString,
             rlfleet_dot_v1_dot_trainer__pb2.TrainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenWeightGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlfleet.v1.TrainerService/OpenWeightGroup',
+            rlfleet_dot_v1_dot_trainer__pb2.OpenWeightGroupRequest.SerializeToString,
+            rlfleet_dot_v1_dot_common__pb2.WeightGroupAddress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,246 @@
+"""A job's weight group: the trainer and its rollout replicas in a process group of their
+own, over which each new version is broadcast while the trainer gathers it.
+
+The TCP path moves a version trainer → weight-sync → every replica: one pod sends K + 1
+copies. The weight group is the collective path beside it (issue #16): the trainer
+(rank 0, the source) and K replicas (ranks 1..K) form a torch.distributed process group
+that belongs to nobody's default group (``ProcessGroupGloo`` built on a ``TCPStore``
+the trainer serves), arranged over gRPC by the scheduler (``OpenWeightGroup`` on the
+trainer, ``JoinWeightGroup`` on each replica). What travels is the very payload the TCP
+path carries (``publish.gather_payload``: safetensors bytes), range by range as the
+trainer fills it from its shards, so a replica ends up with the same bytes, checks the
+same checksum (sent last: the collective's own delivery plus a final digest) and loads
+them through the same path as a pulled version. Only a version received whole and
+verified is handed over; a broken group (a member died, a timeout) is dropped by both
+sides, and the TCP path, which every version still takes, serves instead.
+
+Messages, each a broadcast from rank 0: a control tensor of four int64
+``[kind, a, b, c]``, then for a range its bytes. Kinds: a version begins (a = version,
+b = payload bytes), a range follows (a = start, b = end), the version ends (a = checksum
+length; the checksum follows as bytes), the version is abandoned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rlfleet.common.weights import Buffer, verify_checksum
+
+logger = logging.getLogger(__name__)
+
+BEGIN, RANGE, END, ABANDON = 1, 2, 3, 4
+_CHECKSUM_BYTES = 256
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where a weight group meets: the trainer's TCPStore, its size and generation."""
+
+    host: str
+    port: int
+    world_size: int
+    generation: int
+    backend: str = "gloo"
+
+
+def _connect(address: GroupAddress, rank: int, timeout_s: float) -> dist.ProcessGroup:
+    """Joins the group (blocks until every member has): rank 0 serves the store."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address.host, address.port, address.world_size, is_master=rank == 0,
+                          timeout=timeout, wait_for_workers=False)  # fmt: skip
+    prefixed = dist.PrefixStore(f"rlfleet-weights/{address.generation}", store)
+    if address.backend != "gloo":
+        raise ValueError(f"weight group backend {address.backend!r} is not supported; use gloo")
+    # The prefix store holds the TCPStore (rank 0: its server) for as long as the group.
+    return dist.ProcessGroupGloo(prefixed, rank, address.world_size, timeout)
+
+
+def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+def _bytes_of(buf: Buffer, start: int, end: int) -> torch.Tensor:
+    """A uint8 tensor over ``buf[start:end]`` (no copy; a receive writes into ``buf``)."""
+    if end == start:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=start)
+
+
+class WeightSender:
+    """The trainer's end: rank 0 of the group, broadcasting versions as they are gathered.
+
+    Joining waits for every replica, so it runs in a thread from the start; a send waits
+    for it (up to the timeout). Any failure marks the group broken: the caller carries
+    on without it (the TCP path) and the scheduler opens a new one."""
+
+    def __init__(self, address: GroupAddress, *, timeout_s: float = 60.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.broken = ""  # why the group is unusable; empty while it is fine
+        self._group: dist.ProcessGroup | None = None
+        self._joined = threading.Event()
+        threading.Thread(target=self._join, name="weight-group", daemon=True).start()
+
+    def _join(self) -> None:
+        try:
+            self._group = _connect(self.address, 0, self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported by the next send
+            self.broken = f"the replicas did not all join: {exc}"
+        finally:
+            self._joined.set()
+
+    @property
+    def usable(self) -> bool:
+        if not self._joined.wait(self.timeout_s):
+            self.broken = f"the replicas did not all join within {self.timeout_s:.0f}s"
+        return not self.broken
+
+    def _control(self, kind: int, a: int = 0, b: int = 0) -> None:
+        _broadcast(self._group, torch.tensor([kind, a, b, 0], dtype=torch.int64))
+
+    def _guarded(self, what: str, fn: Callable[[], None]) -> bool:
+        if not self.usable:
+            return False
+        try:
+            fn()
+            return True
+        except Exception as exc:  # noqa: BLE001 - a member died or timed out: drop the group
+            self.broken = f"{what} failed: {exc}"
+            logger.warning("weight group %d broken: %s", self.address.generation, self.broken)
+            return False
+
+    def begin(self, version: int, num_bytes: int) -> bool:
+        return self._guarded("begin", lambda: self._control(BEGIN, version, num_bytes))
+
+    def send(self, payload: Buffer, start: int, end: int) -> bool:
+        """Broadcasts ``payload[start:end]``, final bytes of the version being sent."""
+
+        def run() -> None:
+            self._control(RANGE, start, end)
+            _broadcast(self._group, _bytes_of(payload, start, end))
+
+        return self._guarded("send", run)
+
+    def end(self, checksum: str) -> bool:
+        data = checksum.encode()
+        if len(data) > _CHECKSUM_BYTES:
+            raise ValueError("checksum too long for the weight group")
+
+        def run() -> None:
+            self._control(END, len(data))
+            _broadcast(
+                self._group, torch.tensor(list(data.ljust(_CHECKSUM_BYTES)), dtype=torch.uint8)
+            )
+
+        return self._guarded("end", run)
+
+    def abandon(self) -> None:
+        self._guarded("abandon", lambda: self._control(ABANDON))
+
+    def close(self) -> None:
+        self.broken = self.broken or "closed"
+        self._group = None
+
+
+@dataclass
+class Received:
+    job_id: str
+    version: int
+    payload: Buffer
+    checksum: str
+
+
+class WeightReceiver:
+    """A replica's end: receives every version the trainer broadcasts, in a thread, and
+    keeps the newest verified one for ``take``. A version cut short (the trainer died
+    mid-broadcast, a checksum mismatch) is dropped, never handed over."""
+
+    def __init__(self, address: GroupAddress, rank: int, *, job_id: str,
+                 alloc: Callable[[int], Buffer], release: Callable[[Buffer], None],
+                 idle_timeout_s: float = 24 * 3600.0) -> None:  # fmt: skip
+        self.address = address
+        self.rank = rank
+        self.job_id = job_id
+        self.alloc, self.release = alloc, release
+        # Between versions a whole step passes: the group waits that long for the next.
+        self.idle_timeout_s = idle_timeout_s
+        self.broken = ""
+        self._lock = threading.Lock()
+        self._ready: Received | None = None
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="weight-group-recv", daemon=True)
+        self.thread.start()
+
+    def take(self, job_id: str, version: int) -> Received | None:
+        """The verified payload of ``version`` when it arrived whole; the caller releases it."""
+        with self._lock:
+            ready = self._ready
+            if ready is None or (ready.job_id, ready.version) != (job_id, version):
+                return None
+            self._ready = None
+            return ready
+
+    def _keep(self, received: Received) -> None:
+        with self._lock:
+            old, self._ready = self._ready, received
+        if old is not None:
+            self.release(old.payload)
+
+    def _run(self) -> None:
+        try:
+            group = _connect(self.address, self.rank, self.idle_timeout_s)
+            while not self._stop:
+                self._receive_version(group)
+        except Exception as exc:  # noqa: BLE001 - the group is gone; the TCP path serves
+            self.broken = str(exc) or type(exc).__name__
+            if not self._stop:
+                logger.warning("weight group %d left: %s", self.address.generation, self.broken)
+
+    def _control(self, group: dist.ProcessGroup) -> list[int]:
+        t = torch.zeros(4, dtype=torch.int64)
+        _broadcast(group, t)
+        return t.tolist()
+
+    def _receive_version(self, group: dist.ProcessGroup) -> None:
+        kind, version, num_bytes, _ = self._control(group)
+        if kind == ABANDON:
+            return
+        if kind != BEGIN:
+            raise ValueError(f"weight group protocol: expected a version to begin, got {kind}")
+        payload = self.alloc(num_bytes)
+        try:
+            while True:
+                kind, a, b, _ = self._control(group)
+                if kind == ABANDON:  # the trainer gave this version up (it still publishes)
+                    return
+                if kind == RANGE:
+                    if not 0 <= a <= b <= num_bytes:
+                        raise ValueError(f"range {a}..{b} outside a {num_bytes}-byte version")
+                    _broadcast(group, _bytes_of(payload, a, b))
+                    continue
+                if kind != END:
+                    raise ValueError(f"weight group protocol: unexpected message {kind}")
+                raw = torch.zeros(_CHECKSUM_BYTES, dtype=torch.uint8)
+                _broadcast(group, raw)
+                checksum = bytes(raw[:a].tolist()).decode()
+                verify_checksum(payload, checksum, what=f"broadcast version {version}")
+                self._keep(Received(self.job_id, version, payload, checksum))
+                payload = None
+                logger.info("version %d received over the weight group", version)
+                return
+        finally:
+            if payload is not None:
+                self.release(payload)
+
+    def close(self) -> None:
+        self._stop = True
+        self.broken = self.broken or "closed"
