@@ -19,7 +19,7 @@ from rich.table import Table
 
 from rlfleet.cli.fleet import default_run_dir
 
-SERVICES = ("scheduler", "rollout", "reward", "trainer", "weightsync")
+SERVICES = ("scheduler", "rollout", "reward", "trainer", "weightsync", "env")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
