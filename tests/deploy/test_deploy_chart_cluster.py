@@ -448,23 +448,24 @@ def _weightsync_sizes(objects) -> tuple[str, str, str]:
 def test_weightsync_sizes_follow_model_size(rendered):
     name, values, objects = rendered
     size = values["model"]["sizeGiB"]
-    keep = values["weightsync"]["config"].get("keep_versions", 3)
+    keep = values["weightsync"]["config"].get("keep_versions", 2)
     overhead = values["weightsync"]["sizing"]["memoryOverheadGiB"]
-    memory = f"{math.ceil((keep + 1) * size + overhead)}Gi"
-    spool = f"{math.ceil((keep + 1) * size * 1.1)}Gi"
+    memory = f"{math.ceil(keep * size + overhead)}Gi"
+    spool = f"{math.ceil(keep * size * 1.1)}Gi"
     assert _weightsync_sizes(objects) == (memory, memory, spool), name
 
 
 @pytest.mark.parametrize(
     "size, keep, expect",
-    [(14.2, None, ("61Gi", "61Gi", "63Gi")), (61, 1, ("126Gi", "126Gi", "135Gi")),
+    [(14.2, None, ("33Gi", "33Gi", "32Gi")), (61, 3, ("187Gi", "187Gi", "202Gi")),
      (0, None, ("8Gi", "48Gi", "50Gi"))],
 )  # fmt: skip
 def test_weightsync_sizing_formula(size, keep, expect):
     values = {"model": {"sizeGiB": size}}
     if keep is not None:
         values["weightsync"] = {"config": {"keep_versions": keep}}
-    # (3 + 1) × 14.2 + 4 = 60.8 -> 61; (3 + 1) × 14.2 × 1.1 = 62.48 -> 63; 0: values as given.
+    # keep_versions counts the version arriving: 2 × 14.2 + 4 = 32.4 -> 33; 2 × 14.2 × 1.1 =
+    # 31.24 -> 32; 0: values as given.
     assert _weightsync_sizes(render(values)) == expect
 
 

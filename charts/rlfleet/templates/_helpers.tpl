@@ -605,26 +605,27 @@ its default). */}}
 
 {{/* Versions weight sync keeps per job (its setting, or the service's default). */}}
 {{- define "rlfleet.keepVersions" -}}
-{{- int (default 3 (index (default dict .Values.weightsync.config) "keep_versions")) }}
+{{- int (default 2 (index (default dict .Values.weightsync.config) "keep_versions")) }}
 {{- end }}
 
-{{/* Weight sync's memory from model.sizeGiB: keep_versions held + the one being received +
-the process ("" when model.sizeGiB is 0). */}}
+{{/* Weight sync's memory from model.sizeGiB: keep_versions versions, the one arriving
+counted (they are mapped spool files: page cache, kept resident within this limit), + the
+process ("" when model.sizeGiB is 0). */}}
 {{- define "rlfleet.weightsyncMemory" -}}
 {{- $size := float64 .Values.model.sizeGiB }}
 {{- if gt $size 0.0 }}
 {{- $keep := include "rlfleet.keepVersions" . | float64 }}
-{{- printf "%dGi" (addf (mulf (addf $keep 1.0) $size) (float64 .Values.weightsync.sizing.memoryOverheadGiB) | ceil | int64) }}
+{{- printf "%dGi" (addf (mulf $keep $size) (float64 .Values.weightsync.sizing.memoryOverheadGiB) | ceil | int64) }}
 {{- end }}
 {{- end }}
 
-{{/* Weight sync's spool from model.sizeGiB: the next version is written before the oldest
-is deleted, so keep_versions + 1 of them, and 10% for the filesystem. */}}
+{{/* Weight sync's spool from model.sizeGiB: keep_versions files, the one arriving counted
+(the oldest is deleted before the next is received), and 10% for the filesystem. */}}
 {{- define "rlfleet.weightsyncSpool" -}}
 {{- $size := float64 .Values.model.sizeGiB }}
 {{- if gt $size 0.0 }}
 {{- $keep := include "rlfleet.keepVersions" . | float64 }}
-{{- printf "%dGi" (mulf (mulf (addf $keep 1.0) $size) 1.1 | ceil | int64) }}
+{{- printf "%dGi" (mulf (mulf $keep $size) 1.1 | ceil | int64) }}
 {{- end }}
 {{- end }}
 

@@ -10,6 +10,8 @@ from rlfleet.weightsync.config import WeightSyncConfig
 
 logger = logging.getLogger(__name__)
 
+STOP_FSYNC_WAIT_S = 5.0
+
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(WeightSyncConfig, argv)
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         keep_versions=cfg.keep_versions,
         spool_dir=cfg.spool_dir or None,
         chunk_bytes=cfg.chunk_bytes,
+        evict_wait_s=cfg.evict_wait_s,
+        memory_limit_bytes=cfg.memory_limit_mb << 20,
+        memory_overhead_bytes=cfg.memory_overhead_mb << 20,
     )
     registry = setup_replica_registry(cfg.replica_registry, redis_url=cfg.redis_url)
     REGISTRY.register(ReplicaCollector(store, registry))
@@ -51,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         ready_info={"data_port": servicer.data_port},
         max_workers=cfg.grpc_workers,
     )
-    serve_forever(running)
+    # Versions whose fsync is still running get a moment to become durable; any left are
+    # checked against their checksums at the next start.
+    serve_forever(running, on_stop=lambda: store.close(timeout=STOP_FSYNC_WAIT_S))
 
 
 if __name__ == "__main__":

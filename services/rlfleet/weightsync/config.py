@@ -17,10 +17,24 @@ class WeightSyncConfig(ServiceConfig):
     service_name: ClassVar[str] = "weightsync"
 
     spool_dir: str = ""
-    """Directory where versions are also kept on disk, so a restarted weight-sync
-    serves the current version again; empty keeps them in memory only."""
-    keep_versions: int = Field(default=3, ge=1, le=1000)
-    """Newest versions kept per job (in memory and in the spool); older ones are dropped."""
+    """Directory where versions are kept: each is received into a file here and served
+    from a shared mapping of it (page cache, not weight-sync's anonymous memory), fsynced
+    in the background, and a restarted weight-sync serves the same versions again.
+    Empty keeps versions in anonymous memory only."""
+    keep_versions: int = Field(default=2, ge=1, le=1000)
+    """Versions kept per job, counting the one arriving: when a push starts and this
+    many are held, the oldest one no replica is pulling is evicted first (its spool
+    file removed). 1 evicts the current version when the next starts to arrive."""
+    evict_wait_s: float = Field(default=60.0, ge=0)
+    """How long a push waits for room when every version it could evict is being pulled
+    (or another push of the job is arriving); then it is refused with UNAVAILABLE, which
+    clients retry."""
+    memory_limit_mb: int = Field(default=0, ge=0)
+    """Memory weight-sync may use, in MiB, when its cgroup sets no limit
+    (/sys/fs/cgroup/memory.max); 0: no check then. A job whose versions do not fit
+    (without a spool: keep_versions × its size + memory_overhead_mb) is refused."""
+    memory_overhead_mb: int = Field(default=512, ge=0)
+    """Memory weight-sync needs besides the versions it keeps, in MiB (the budget check)."""
     chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Bytes per WeightChunk served by PullVersion (must fit in max_message_mb)."""
     replica_registry: Literal["memory", "redis"] = "memory"

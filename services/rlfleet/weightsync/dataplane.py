@@ -1,10 +1,13 @@
 """Weight-sync's data plane: pushes and pulls over plain TCP (``rlfleet.common.weight_transport``).
 
 A thread per connection, as gRPC's server has per stream. A push is admitted
-before its payload is read (``VersionStore.admit``): a stale version is refused
-and a repeat acknowledged without a byte sent; then the payload is received
-into one buffer, verified and stored by the same rules as PushVersion. A pull
-sends the held payload with ``sendall`` straight from the store's memory.
+before its payload is read (``VersionStore.begin_push``): a stale version is
+refused, a repeat acknowledged without a byte sent, a version too large for
+weight-sync's memory or spool disk refused with a sentence, and room is made for
+it (``keep_versions`` counts the one arriving); then the payload is received
+straight into where it is kept (a file of the spool, mapped; or, without a
+spool, one buffer), verified and stored by the same rules as PushVersion. A pull
+sends the held payload with ``sendall`` straight from that mapping or buffer.
 Errors answer with the same status names and sentences as the gRPC service.
 """
 
@@ -25,7 +28,7 @@ logger = logging.getLogger(__name__)
 # stalled or hostile client cannot hold a thread forever.
 IDLE_TIMEOUT_S = 60.0
 # Sending a pull gets at least this rate's worth of time (``sendall``'s timeout covers
-# the whole send), then the puller is dropped and the version's buffer freed for reuse.
+# the whole send), then the puller is dropped and the version may be evicted again.
 MIN_PULL_BYTES_PER_S = 50e6
 
 
@@ -85,18 +88,18 @@ class _Handler(socketserver.BaseRequestHandler):
                 f"a version of {num_bytes} bytes is outside 0..{self.server.max_version_bytes} "
                 "(weight-sync's max_version_mb)"
             )
-        repeat = store.admit(job_id, version, checksum)
-        if repeat is not None:
-            send_header(sock, _info(repeat))
+        arrival = store.begin_push(job_id, version, checksum, num_bytes)
+        if isinstance(arrival, VersionInfo):  # a repeat: nothing to send
+            send_header(sock, _info(arrival))
             return
-        send_header(sock, {"ok": True, "send": True})
-        payload = store.buffers.take(num_bytes)
         try:
-            recv_into_all(sock, memoryview(payload))
+            send_header(sock, {"ok": True, "send": True})
+            for window in arrival.windows():
+                recv_into_all(sock, window)
         except BaseException:
-            store.buffers.give(payload)
+            store.abort_push(arrival)
             raise
-        send_header(sock, _info(store.push_payload(job_id, version, payload, checksum)))
+        send_header(sock, _info(store.finish_push(arrival)))
 
     def _pull(self, sock: socket.socket, header: dict) -> None:
         job_id = _field(header, "job_id", str)

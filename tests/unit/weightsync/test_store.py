@@ -147,6 +147,9 @@ def test_restart_with_a_spool_serves_the_same_version(tmp_path, payloads):
     for v in range(4):
         _push(before, payloads[v], v)
     _push(before, payloads[0], 0, job_id="odd/../job id")  # stays inside the spool
+    # fsyncs run in the background; a stopping weight-sync lets them finish (a crash before
+    # they do is test_spool_files.py's business).
+    before.close()
     files = sorted(p.name for p in spool.rglob("*") if p.is_file())
     assert len(files) == 3  # 2 kept for job-a, 1 for the odd job
 
@@ -171,6 +174,7 @@ def test_a_damaged_spool_file_is_never_served(tmp_path, payloads):
     before = VersionStore(keep_versions=3, spool_dir=spool, chunk_bytes=CHUNK)
     _push(before, payloads[0], 0)
     _push(before, payloads[1], 1)
+    before.close()  # the fsyncs (in the background) are done: final names
     newest = max(spool.rglob("v*.safetensors"))
     newest.write_bytes(newest.read_bytes()[:-10])  # bit rot / a disk that lied about fsync
 
