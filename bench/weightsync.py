@@ -16,6 +16,15 @@ does before it swaps weights in (they load no model). Both sides use
   client without the data plane gets (TLS on, or ``--data-port -1``).
 
 The headline figures use ``data_plane``; ``grpc`` is measured at K=1 beside it.
+
+The third path, the weight group (``weights.transport = "collective"``,
+``common/weight_group.py``), in the same run at K = 1, 2, 4: the trainer side
+broadcasts the payload in 512 MB buckets, then its checksum, over a gloo process
+group to K receiver processes, each receiving into a buffer allocated beforehand and
+verifying the checksum; timed from the first byte until the last receiver holds the
+version. ``--json`` adds ``{"collective": {"s_k1", "s_k4", "frac_of_loopback_k1",
+"vs_tcp_path_k4"}}`` at the largest size run with K = 4; frac_of_loopback_k1 there is
+raw TCP's seconds for one receiver over the group's (one hop each).
 Push time includes the checksum (xxh3-128) the trainer computes for each push.
 
 The baseline, in the same run and on the same payload size: one sender process
@@ -106,6 +115,24 @@ def tcp_receiver_main(port: int, nbytes: int) -> None:
     print(json.dumps({"cpu": time.process_time() - cpu}), flush=True)
 
 
+def group_receiver_main(port: int, world: int, generation: int, rank: int, nbytes: int) -> None:
+    """A replica's end of the weight group: joins, receives one version, verifies it."""
+    from rlfleet.common.weight_group import GroupAddress, WeightReceiver
+
+    buf = bytearray(nbytes)  # allocated before the clock starts, as raw TCP's receivers are
+    address = GroupAddress("127.0.0.1", port, world, generation)
+    receiver = WeightReceiver(address, rank, job_id="bench", alloc=lambda n: buf,
+                              release=lambda b: None)  # fmt: skip
+    cpu = time.process_time()
+    while (got := receiver.take("bench", 1)) is None:
+        if receiver.broken:
+            raise SystemExit(f"weight group broke: {receiver.broken}")
+        time.sleep(0.0005)
+    print(json.dumps({"end": time.time(), "cpu": time.process_time() - cpu,
+                      "bytes": len(got.payload)}), flush=True)  # fmt: skip
+    os._exit(0)  # the group's receive thread blocks in gloo: leave without unwinding it
+
+
 def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(HERE), *args],
@@ -148,6 +175,41 @@ def raw_tcp(payload: bytes, k: int) -> tuple[float, float]:
     finally:
         server.close()
         for p in procs:
+            p.wait(60)
+    return seconds, cpu
+
+
+# --------------------------------------------------------------------------- weight group
+def collective(payload: bytearray, k: int, *, bucket_bytes: int = 512 << 20) -> tuple[float, float]:
+    """(seconds from the trainer's first byte until all K replicas hold the version, verified;
+    CPU seconds of all members), over the weight group: the trainer broadcasts the payload in
+    buckets, then its checksum (what ``trainer/job.py`` does while it gathers)."""
+    from rlfleet.common.procs import free_port
+    from rlfleet.common.weight_group import GroupAddress, WeightSender
+    from rlfleet.common.weights import checksum_of
+
+    address = GroupAddress("127.0.0.1", free_port(), k + 1, time.time_ns())
+    sender = WeightSender(address, timeout_s=600)
+    procs = [_spawn(["--group-receiver", str(address.port), str(k + 1), str(address.generation),
+                     str(rank), str(len(payload))]) for rank in range(1, k + 1)]  # fmt: skip
+    try:
+        if not sender.usable:
+            raise RuntimeError(f"weight group did not form: {sender.broken}")
+        start_wall, cpu = time.time(), time.process_time()
+        ok = sender.begin(1, len(payload))
+        for begin in range(0, len(payload), bucket_bytes):
+            ok = ok and sender.send(payload, begin, min(len(payload), begin + bucket_bytes))
+        ok = ok and sender.end(checksum_of(payload))
+        if not ok:
+            raise RuntimeError(f"broadcast failed: {sender.broken}")
+        done = [json.loads(p.stdout.readline()) for p in procs]
+        assert all(d["bytes"] == len(payload) for d in done)
+        seconds = max(d["end"] for d in done) - start_wall
+        cpu = time.process_time() - cpu + sum(d["cpu"] for d in done)
+    finally:
+        sender.close()
+        for p in procs:
+            p.kill()
             p.wait(60)
     return seconds, cpu
 
@@ -230,6 +292,12 @@ def run_size(
     raw, raw_cpu = {}, {}
     for k in ks:
         raw[k], raw_cpu[k] = min(raw_tcp(payload, k) for _ in range(repeats))
+    # The collective path (weights.transport = collective) at K = 1, 2, 4.
+    group, group_cpu = {}, {}
+    writable = bytearray(payload)
+    for k in [k for k in ks if k <= 4]:
+        group[k], group_cpu[k] = min(collective(writable, k) for _ in range(repeats))
+    del writable
 
     run_dir = tmp / f"ws-{params}-{dtype}"
     ws = start_service(
@@ -332,6 +400,13 @@ def run_size(
         # 1.0: each of 8 replicas costs the machine as much CPU as a single one did.
         "cpu_fanout_linearity_k8": cpu_pull / (pulls[8]["cpu_s"] / gbs / 8) if 8 in pulls else None,
         "raw_fanout_efficiency": {str(k): raw[1] / raw[k] for k in ks},
+        # The weight group: trainer → K replicas in one broadcast, no weight-sync hop.
+        "collective_s": {str(k): v for k, v in group.items()},
+        "collective_cpu_s": {str(k): v for k, v in group_cpu.items()},
+        "collective_frac_of_loopback": {str(k): raw[k] / v for k, v in group.items()},
+        "collective_vs_tcp_path": {
+            str(k): (push_s[style] + pulls[k]["t_all_s"]) / v for k, v in group.items()
+        },
         "other_style": {
             "client_style": other,
             "push_s": push_s[other],
@@ -368,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["--tcp-receiver"]:
         tcp_receiver_main(int(argv[1]), int(argv[2]))
+        return 0
+    if argv[:1] == ["--group-receiver"]:
+        group_receiver_main(*(int(a) for a in argv[1:6]))
         return 0
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=0, help="K=1 runs per size (best is kept)")
@@ -458,6 +536,32 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    group_rows = [
+        [f"{r['params'] / 1e6:.0f}M", r["dtype"], k, r["bytes"] / GB, r["raw_tcp_s"][k],
+         r["time_to_all_hold_s"][k], r["collective_s"][k], r["collective_frac_of_loopback"][k],
+         r["collective_vs_tcp_path"][k]]
+        for r in results for k in r["collective_s"]
+    ]  # fmt: skip
+    print("time from the trainer's first byte until all K replicas hold the version:")
+    print(_common.table(["params", "dtype", "K", "GB", "raw TCP s", "TCP path s",
+                         "collective s", "raw/coll", "tcp/coll"], group_rows))  # fmt: skip
+    with_k4 = [r for r in results if "4" in r["collective_s"]]
+    g_head = max(with_k4, key=lambda r: r["bytes"]) if with_k4 else None
+    collective_summary = None
+    if g_head:
+        collective_summary = {
+            "params": g_head["params"], "dtype": g_head["dtype"],
+            "s_k1": round(g_head["collective_s"]["1"], 4),
+            "s_k4": round(g_head["collective_s"]["4"], 4),
+            "frac_of_loopback_k1": round(g_head["collective_frac_of_loopback"]["1"], 4),
+            "vs_tcp_path_k4": round(g_head["collective_vs_tcp_path"]["4"], 4),
+        }  # fmt: skip
+        print(
+            f"collective at {g_head['params'] / 1e6:.0f}M {g_head['dtype']}: K=1 "
+            f"{collective_summary['s_k1']:.3f}s ({collective_summary['frac_of_loopback_k1']:.3f} "
+            f"of raw loopback TCP's time ratio), K=4 {collective_summary['s_k4']:.3f}s, "
+            f"{collective_summary['vs_tcp_path_k4']:.2f}x faster than the TCP path at K=4"
+        )
     # Headline figures: the largest size that ran with K = 1 and K = 8.
     full = [r for r in results if 8 in r["ks"]]
     head = max(full, key=lambda r: r["bytes"]) if full else None
@@ -495,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_fanout_efficiency_k8=round(raw_eff_k8, 4) if raw_eff_k8 is not None else None,
         headline_size={"params": head["params"], "dtype": head["dtype"]} if head else None,
         client_style=style,
+        collective=collective_summary,
         cpu_frac_of_loopback_k1=round(head["cpu_frac_of_loopback_k1"], 4) if head else None,
         cpu_fanout_linearity_k8=round(head["cpu_fanout_linearity_k8"], 4) if head else None,
         frac_of_loopback_k1_other_style=round(head["other_style"]["frac_of_loopback_k1"], 4)
