@@ -41,7 +41,7 @@ class FleetOptions:
 
 
 class Fleet:
-    """Starts Redis, weight-sync, reward, trainer, N rollout replicas and the scheduler."""
+    """Starts Redis, weight-sync, reward, env, trainer, N rollout replicas and the scheduler."""
 
     def __init__(self, options: FleetOptions):
         self.options = options
@@ -70,6 +70,7 @@ class Fleet:
                 "weightsync", common + ["--spool-dir", str(run / "weights")], env, on_started
             )
             self._start("reward", common, env, on_started)
+            self._start("env", common, env, on_started)  # multi-turn episodes' environments
             self._start(
                 "trainer",
                 common
@@ -114,6 +115,8 @@ class Fleet:
                     self.procs["trainer"].address,
                     "--weightsync-address",
                     ws.address,
+                    "--env-address",
+                    self.procs["env"].address,
                     "--http-port",
                     str(opts.http_port),
                     "--tracking-dir",

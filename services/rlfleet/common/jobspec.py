@@ -139,6 +139,20 @@ class DatasetSpec(_Spec):
         return self
 
 
+class EnvironmentSpec(_Spec):
+    name: str = Field(min_length=1)
+    """An environment the env service knows (``rlfleet env``: ``tools``, ``retry``, or one
+    a package registers under the ``rlfleet.environments`` entry point)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the environment's reset (e.g. ``max_turns``, ``feedback``)."""
+    max_turns: int = Field(default=4, ge=1, le=64)
+    """Model turns an episode may take; it ends there (whatever the environment says)."""
+    max_total_tokens: int = Field(default=0, ge=0)
+    """Tokens an episode's completion may hold, model and environment tokens together; an
+    episode that reaches it ends (0: no bound beyond max_turns × sampling.max_new_tokens
+    of the model's and what the environment replies)."""
+
+
 class TaskSpec(_Spec):
     kind: Literal["reasoning_gym", "dataset"] = "reasoning_gym"
     """Where prompts come from: reasoning-gym procedural datasets (offline), or the
@@ -161,6 +175,11 @@ class TaskSpec(_Spec):
     conversation rendered with the model's own chat template (generation prompt open)."""
     system_prompt: str = ""
     """chat: a system turn before the user's (none when empty)."""
+    environment: EnvironmentSpec | None = None
+    """Multi-turn episodes (``docs/ENVIRONMENTS.md``): each prompt row starts an episode
+    in this environment of the env service; the model's turns and the environment's
+    replies make one trajectory, the environment's tokens masked from the loss. None:
+    single-turn completions scored by ``reward``."""
 
     @field_validator("name")
     @classmethod
@@ -474,6 +493,19 @@ class JobSpec(_Spec):
             raise ValueError(
                 f"algorithm.max_tokens_per_micro_batch ({budget}) is shorter than one sequence "
                 f"can be: a prompt plus sampling.max_new_tokens ({self.sampling.max_new_tokens})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _episodes_run_in_sync_mode(self) -> JobSpec:
+        if self.task.environment is None:
+            return self
+        if self.algorithm.kind != "grpo":
+            raise ValueError("task.environment runs episodes for RL: algorithm.kind must be 'grpo'")
+        if self.scheduling.mode != "sync" or self.scheduling.overlap:
+            raise ValueError(
+                "task.environment runs with scheduling.mode 'sync' (C3PO++ across turns is not "
+                "supported yet)"
             )
         return self
 

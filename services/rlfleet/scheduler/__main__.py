@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             retry_deadline=cfg.retry_deadline_s,
         ),
         max_message_mb=cfg.max_message_mb,
+        env_address=cfg.env_address,
     )
     runner = JobRunner(
         store=store,

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlfleet.common.errors import RlfleetError
+from rlfleet.common.errors import FailedPrecondition, RlfleetError
 from rlfleet.common.grpc_client import call, make_channel
-from rlfleet.v1 import common_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from rlfleet.v1 import (
+    common_pb2,
+    env_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,16 @@ class ServiceClients:
         trainer_address: str,
         timeouts: Timeouts | None = None,
         max_message_mb: int = 256,
+        env_address: str = "",
     ):
         self.timeouts = timeouts or Timeouts()
         self.reward_address = reward_address
         self.trainer_address = trainer_address
+        self.env_address = env_address
+        self._env_channel = (
+            make_channel(env_address, max_message_mb=max_message_mb) if env_address else None
+        )
+        self.env = env_pb2_grpc.EnvServiceStub(self._env_channel) if self._env_channel else None
         self._reward_channel = make_channel(reward_address, max_message_mb=max_message_mb)
         self._trainer_channel = make_channel(trainer_address, max_message_mb=max_message_mb)
         self.reward = reward_pb2_grpc.RewardServiceStub(self._reward_channel)
@@ -121,3 +134,13 @@ class ServiceClients:
     def close(self) -> None:
         self._reward_channel.close()
         self._trainer_channel.close()
+        if self._env_channel is not None:
+            self._env_channel.close()
+
+    def env_call(self, what: str, method: str, request, *, timeout: float):
+        """A call to the environment service (Reset, Step, Close: each safe to repeat)."""
+        if self.env is None:
+            raise FailedPrecondition(
+                "this job has a task.environment but the scheduler has no --env-address"
+            )
+        return self._call("env", what, getattr(self.env, method), request, timeout=timeout)

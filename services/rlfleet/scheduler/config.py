@@ -41,6 +41,9 @@ class SchedulerConfig(ServiceConfig):
     """host:port of the trainer service."""
     weightsync_address: str = ""
     """host:port of weight-sync, passed to replicas in LoadVersion (empty: their own setting)."""
+    env_address: str = ""
+    """host:port of the environment service (``rlfleet env``), for jobs with a
+    ``task.environment``; empty: such jobs are refused."""
     status_timeout_s: float = Field(default=5.0, gt=0)
     """Timeout of a replica's GetStatus and Abort calls."""
     init_timeout_s: float = Field(default=1800.0, gt=0)

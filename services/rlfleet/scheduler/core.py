@@ -146,6 +146,11 @@ class SchedulerCore:
                 f"at most {MAX_IDEMPOTENCY_KEY} are allowed"
             )
         spec = validate_spec(spec_json, store=self.store)
+        if spec.task.environment is not None and self.runner.clients.env is None:
+            raise InvalidArgument(
+                "task.environment needs the environment service, and this scheduler has no "
+                "--env-address (rlfleet up starts one)"
+            )
         job, created = self.store.create(
             spec_json=spec.model_dump_json(),
             total_steps=spec.steps,

@@ -78,6 +78,8 @@ class JobRunner:
         strategy = setup_strategy(
             spec.scheduling.mode,
             algorithm=spec.algorithm.kind,
+            episodes=spec.task.environment is not None,
+            clients=self.clients,
             pool=self.pool,
             redis_client=self.store.r,
             prefix=self.store.prefix,
@@ -187,6 +189,9 @@ class JobRunner:
             with _phase("reward", timings):
                 if spec.algorithm.kind == "sft":  # demonstrations: written unscored
                     rewards, written, terms = None, self._write(job_id, rollout.samples), {}
+                elif spec.task.environment is not None:  # the environment's rewards
+                    rewards = [s.reward for s in rollout.samples]
+                    written, terms = self._write(job_id, rollout.samples), {}
                 else:
                     rewards, written, terms = self._score(job_id, spec, rollout.samples)
             self._check(job_id, ctx.stop)

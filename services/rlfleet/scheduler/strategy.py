@@ -143,6 +143,8 @@ def setup_strategy(
     mode: str,
     *,
     algorithm: str = "grpo",
+    episodes: bool = False,
+    clients=None,
     pool: ReplicaPool,
     redis_client: redis.Redis | None = None,
     prefix: str = "rlfleet",
@@ -151,13 +153,18 @@ def setup_strategy(
 
     C3PO++ keeps its pool in Redis (``redis_client``) so a restart resumes it. An SFT
     job (``algorithm = "sft"``) has no rollouts: its steps are the dataset's
-    demonstrations (``sft.py``).
+    demonstrations (``sft.py``). A job with a ``task.environment`` plays multi-turn
+    episodes with the env service through ``clients`` (``episodes.py``).
     """
     check_mode(mode)
     if algorithm == "sft":
         from rlfleet.scheduler.sft import SftStrategy
 
         return SftStrategy(pool)
+    if episodes:  # task.environment: multi-turn episodes with the env service
+        from rlfleet.scheduler.episodes import EpisodeStrategy
+
+        return EpisodeStrategy(pool, clients)
     if mode == "c3po":
         if redis_client is None:
             raise ValueError("C3PO++ (scheduling.mode 'c3po') keeps its rollout pool in Redis")

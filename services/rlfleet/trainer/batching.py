@@ -39,6 +39,8 @@ class TrainSample:
     completion_ids: tuple[int, ...]
     logp_infer: tuple[float, ...]
     reward: float
+    loss_mask: tuple[bool, ...] = ()
+    """Per completion token, False where an environment inserted it; empty: all trained."""
 
 
 def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
@@ -69,6 +71,11 @@ def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
         )
     if not math.isfinite(sample.reward):
         raise InvalidArgument(f"sample {sid}: reward is not a finite number")
+    if sample.loss_mask and len(sample.loss_mask) != n:
+        raise InvalidArgument(
+            f"sample {sid}: loss_mask has {len(sample.loss_mask)} entries for {n} "
+            "completion_token_ids; it marks every completion token (or is empty)"
+        )
     return TrainSample(
         sample_id=sample.sample_id,
         group_id=sample.group_id or sample.sample_id,
@@ -76,6 +83,7 @@ def to_train_sample(sample: Sample, *, vocab_size: int) -> TrainSample:
         completion_ids=tuple(sample.completion_token_ids),
         logp_infer=tuple(sample.inference_logprobs),
         reward=float(sample.reward),
+        loss_mask=tuple(sample.loss_mask) if not all(sample.loss_mask) else (),
     )
 
 
@@ -136,6 +144,9 @@ def collate(
         return torch.tensor([(*r, *(pad,) * (width - len(r))) for r in rows_of], dtype=dtype)
 
     valid = torch.arange(resp_len) < resp[:, None]
+    if any(s.loss_mask for s in batch):  # environment tokens: in the sequence, not trained
+        masks = (s.loss_mask or (True,) * len(s.completion_ids) for s in batch)
+        valid &= padded(masks, resp_len, False, torch.bool)
     # The logit at position t scores the token at t + 1; each sequence starts at its
     # row's beginning (padded) or where the previous one ended (packed).
     starts = torch.cumsum(total, 0) - total if packed else torch.arange(len(batch)) * seq_len

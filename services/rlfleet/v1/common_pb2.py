@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlfleet/v1/common.proto\x12\nrlfleet.v1\"\x9d\x02\n\x06Sample\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x06 \x03(\x05\x12\x1a\n\x12inference_logprobs\x18\x07 \x03(\x02\x12\x16\n\x0etoken_versions\x18\x08 \x03(\x03\x12\x0e\n\x06reward\x18\t \x01(\x01\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x17\n\x0f\x63ompletion_text\x18\x0b \x01(\t\x12\x11\n\ttask_json\x18\x0c \x01(\t\x12\x11\n\tretention\x18\r \x01(\x05\"E\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\"i\n\x12WeightGroupAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlfleet/v1/common.proto\x12\nrlfleet.v1\"\xb0\x02\n\x06Sample\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x06 \x03(\x05\x12\x1a\n\x12inference_logprobs\x18\x07 \x03(\x02\x12\x16\n\x0etoken_versions\x18\x08 \x03(\x03\x12\x0e\n\x06reward\x18\t \x01(\x01\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x17\n\x0f\x63ompletion_text\x18\x0b \x01(\t\x12\x11\n\ttask_json\x18\x0c \x01(\t\x12\x11\n\tretention\x18\r \x01(\x05\x12\x11\n\tloss_mask\x18\x0e \x03(\x08\"E\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\"i\n\x12WeightGroupAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlfleet.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLE']._serialized_start=40
-  _globals['_SAMPLE']._serialized_end=325
-  _globals['_POLICYVERSION']._serialized_start=327
-  _globals['_POLICYVERSION']._serialized_end=396
-  _globals['_WEIGHTGROUPADDRESS']._serialized_start=398
-  _globals['_WEIGHTGROUPADDRESS']._serialized_end=503
+  _globals['_SAMPLE']._serialized_end=344
+  _globals['_POLICYVERSION']._serialized_start=346
+  _globals['_POLICYVERSION']._serialized_end=415
+  _globals['_WEIGHTGROUPADDRESS']._serialized_start=417
+  _globals['_WEIGHTGROUPADDRESS']._serialized_end=522
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sample(_message.Message):
-    __slots__ = ("job_id", "sample_id", "group_id", "step", "prompt_token_ids", "completion_token_ids", "inference_logprobs", "token_versions", "reward", "finish_reason", "completion_text", "task_json", "retention")
+    __slots__ = ("job_id", "sample_id", "group_id", "step", "prompt_token_ids", "completion_token_ids", "inference_logprobs", "token_versions", "reward", "finish_reason", "completion_text", "task_json", "retention", "loss_mask")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class Sample(_message.Message):
     COMPLETION_TEXT_FIELD_NUMBER: _ClassVar[int]
     TASK_JSON_FIELD_NUMBER: _ClassVar[int]
     RETENTION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sample_id: str
     group_id: str
@@ -34,7 +35,8 @@ class Sample(_message.Message):
     completion_text: str
     task_json: str
     retention: int
-    def __init__(self, job_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., group_id: _Optional[str] = ..., step: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., inference_logprobs: _Optional[_Iterable[float]] = ..., token_versions: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., finish_reason: _Optional[str] = ..., completion_text: _Optional[str] = ..., task_json: _Optional[str] = ..., retention: _Optional[int] = ...) -> None: ...
+    loss_mask: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, job_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., group_id: _Optional[str] = ..., step: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., completion_token_ids: _Optional[_Iterable[int]] = ..., inference_logprobs: _Optional[_Iterable[float]] = ..., token_versions: _Optional[_Iterable[int]] = ..., reward: _Optional[float] = ..., finish_reason: _Optional[str] = ..., completion_text: _Optional[str] = ..., task_json: _Optional[str] = ..., retention: _Optional[int] = ..., loss_mask: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class PolicyVersion(_message.Message):
     __slots__ = ("version", "checksum", "num_bytes")

@@ -66,6 +66,24 @@ def test_collate_pads_right_and_points_at_the_scoring_logits():
     assert mb.advantages.tolist() == [1.0, 2.0, 3.0]
 
 
+def test_environment_tokens_stay_in_the_sequence_but_out_of_the_loss():
+    """A multi-turn episode: model turn, environment tokens (loss_mask False), model turn.
+    The environment's tokens are in the input (the model reads them) but not scored."""
+    episode = _sample("e", [1, 2], [3, 4, 20, 21, 5, 6])
+    episode.loss_mask.extend([True, True, False, False, True, True])
+    plain = to_train_sample(_sample("p", [1, 2], [3, 4]), vocab_size=32)
+    mb = collate([to_train_sample(episode, vocab_size=32), plain], torch.zeros(2), [0, 1],
+                 pad_id=0)  # fmt: skip
+    assert mb.input_ids[0].tolist() == [1, 2, 3, 4, 20, 21, 5, 6]
+    assert mb.valid.tolist() == [[True, True, False, False, True, True],
+                                 [True, True, False, False, False, False]]  # fmt: skip
+    assert plain.loss_mask == ()  # no mask: every token trained
+    with pytest.raises(InvalidArgument, match="loss_mask has 2 entries for 6"):
+        bad = _sample("b", [1], [3, 4, 20, 21, 5, 6])
+        bad.loss_mask.extend([True, False])
+        to_train_sample(bad, vocab_size=32)
+
+
 def test_packed_collate_puts_every_sequence_in_one_row_with_restarting_positions():
     samples = [
         to_train_sample(_sample("a", [1, 2, 3], [4, 5]), vocab_size=32),

@@ -78,9 +78,11 @@ def version_metrics(samples: Iterable[common_pb2.Sample], *, version: int) -> di
     lo, hi, multi, n = None, None, 0, 0
     for s in samples:
         n += 1
-        if not s.token_versions:
+        # An environment's tokens in a multi-turn episode carry version -1: no policy's.
+        versions = [v for v in s.token_versions if v >= 0]
+        if not versions:
             continue
-        smin, smax = min(s.token_versions), max(s.token_versions)
+        smin, smax = min(versions), max(versions)
         lo = smin if lo is None else min(lo, smin)
         hi = smax if hi is None else max(hi, smax)
         multi += smax != smin
