@@ -15,7 +15,9 @@ and then a whole job through the fleet (weight-sync, reward, trainer, scheduler)
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 
@@ -115,6 +117,57 @@ def test_an_episode_sample_masks_the_environments_tokens(service_factory, redis_
     assert 1.0 < result.metrics["env_turns_mean"] <= 3.0
     assert 0.0 < result.metrics["env_token_frac"] < 1.0
     assert result.metrics["version_min"] == 0.0  # the environment's -1 is no version
+
+
+def test_env_service_killed_mid_episode_the_steps_episodes_are_played_again(
+    service_factory, redis_url, chat_model
+):
+    """kill -9 of the env service between two turns of an episode, and a new one on its
+    port (what `rlfleet up` or Kubernetes does): the episodes it held are lost
+    (NOT_FOUND), so the step's episodes are all played again from their prompts; the
+    step still hands every sample over once, and none of them is a half-played one."""
+    common = ["--redis-url", redis_url, "--log-format", "text"]
+    env = service_factory("env", "rlfleet.env", common, env=ENV)
+    port = env.address.rsplit(":", 1)[1]
+    replica = service_factory("rollout-0", "rlfleet.rollout",
+                              common + ["--replica-id", "r0", "--model-path", str(chat_model),
+                                        "--device", "cpu", "--torch-threads", "1"], env=ENV)  # fmt: skip
+    resets: list[str] = []
+    restarted = []
+
+    class KillingEnvOnFirstStep(ServiceClients):
+        def env_call(self, what, method, request, *, timeout):
+            if method == "Reset":
+                resets.append(request.episode_id)
+            if method == "Step" and not restarted:
+                os.kill(env.pid, signal.SIGKILL)  # mid-episode: reset, not yet stepped
+                restarted.append(service_factory("env-2", "rlfleet.env",
+                                                 common + ["--port", port], env=ENV))  # fmt: skip
+            return super().env_call(what, method, request, timeout=timeout)
+
+    pool = ReplicaPool(StaticDiscovery([replica.address]))
+    clients = KillingEnvOnFirstStep(reward_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
+                                    env_address=env.address)  # fmt: skip
+    try:
+        [held] = pool.refresh()
+        held.job_id, held.version = "job-k", 0
+        spec = JobSpec.model_validate(_spec(chat_model))
+        codec = load_codec(str(chat_model))
+        ctx = StepContext("job-k", spec, 0, 0, codec, PromptSource(spec.task), threading.Event())
+        result = EpisodeStrategy(pool, clients).rollout(ctx)
+    finally:
+        clients.close()
+        pool.close()
+    assert restarted, "the env service was not killed"
+    assert sorted(s.sample_id for s in result.samples) == ["g0-0", "g0-1", "g1-0", "g1-1"]
+    # Every episode was reset twice: under the first attempt's ids, then fresh ones.
+    assert len(resets) == 8 and len(set(resets)) == 8
+    first, second = (
+        {r.rsplit("/", 1)[1] for r in resets[:4]},
+        {r.rsplit("/", 1)[1] for r in resets[4:]},
+    )
+    assert len(first) == len(second) == 1 and first != second
+    assert all(s.finish_reason in ("stop", "length") for s in result.samples)
 
 
 def test_a_retry_job_trains_through_the_fleet(service_factory, redis_url, tmp_path, chat_model):

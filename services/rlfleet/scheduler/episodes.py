@@ -21,23 +21,25 @@ An episode ends when the environment says so, at ``max_turns`` or at
 without its end-of-turn token goes to the environment as it is, and the end-of-turn
 token is inserted before the reply as one of the environment's (masked) tokens.
 
-The env service keeps episodes in memory: each rollout opens fresh episode ids, so a
-step redone after any crash starts its episodes over and never continues one that
-was half played (``NOT_FOUND`` from a restarted env service fails the rollout call,
-and the step loop's retry runs the whole step's episodes again). Samples are written
-to the buffer once, by sample id, as for single-turn jobs.
+The env service keeps episodes in memory. A restarted env service has lost them: the
+next call answers ``NOT_FOUND``, and the step's episodes are all played again under
+fresh episode ids (``RESTARTS`` times at most), never continued half played. Only
+then are the samples written to the buffer, once, by sample id, so an episode cut
+short by a crash is never trained, and no episode twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlfleet.common.errors import InvalidArgument
+from rlfleet.common.errors import InvalidArgument, NotFound, RlfleetError
 from rlfleet.common.tasks import entry_to_json
 from rlfleet.scheduler.clients import ServiceClients
 from rlfleet.scheduler.samples import TextCodec, group_id, sample_id
@@ -50,7 +52,10 @@ from rlfleet.scheduler.strategy import (
 )
 from rlfleet.v1 import common_pb2, env_pb2, rollout_pb2
 
+logger = logging.getLogger(__name__)
+
 ENV_VERSION = -1  # token_versions of the environment's tokens: no policy produced them
+RESTARTS = 3  # times a step's episodes are played again after the env service lost them
 
 
 @dataclass
@@ -144,6 +149,19 @@ class EpisodeStrategy(RolloutStrategy):
         self.env_timeout_s = env_timeout_s
 
     def rollout(self, ctx: StepContext) -> RolloutResult:
+        """The step's episodes; all of them again when the env service lost them (it was
+        restarted mid-episode: NOT_FOUND), up to ``RESTARTS`` times."""
+        for attempt in range(RESTARTS + 1):
+            try:
+                return self._play(ctx)
+            except NotFound as exc:
+                if attempt == RESTARTS:
+                    raise
+                logger.warning("job %s step %d: the env service lost episodes (%s); playing "
+                               "the step's episodes again", ctx.job_id, ctx.step, exc.message)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    def _play(self, ctx: StepContext) -> RolloutResult:
         spec, env = ctx.spec, ctx.spec.task.environment
         algo, renderer = spec.algorithm, _renderer(spec.model.path, ctx.codec)
         cap_turn = spec.sampling.max_new_tokens
@@ -165,7 +183,8 @@ class EpisodeStrategy(RolloutStrategy):
                            last=turn == env.max_turns - 1)  # fmt: skip
         finally:
             for e in episodes:
-                self._env("Close", "Close", env_pb2.CloseRequest(episode_id=e.episode_id))
+                with contextlib.suppress(RlfleetError):  # a lost episode needs no closing
+                    self._env("Close", "Close", env_pb2.CloseRequest(episode_id=e.episode_id))
         elapsed = time.perf_counter() - start
         samples = [self._sample(ctx, e) for e in episodes]
         out = rollout_metrics(samples, ctx)
