@@ -30,7 +30,7 @@ from rlfleet.scheduler.discovery import StaticDiscovery
 from rlfleet.scheduler.episodes import ENV_VERSION, EpisodeStrategy, _renderer
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import load_codec
-from rlfleet.scheduler.strategy import StepContext
+from rlfleet.scheduler.strategy import RolloutResult, StepContext
 from rlfleet.v1 import rollout_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -68,25 +68,32 @@ def _spec(model, **extra) -> dict:
     }  # fmt: skip
 
 
+def _play_one_step(replica: str, clients: ServiceClients, model) -> RolloutResult:
+    """Step 0's episodes through the scheduler's episode strategy, on one replica that
+    loaded the base model (version 0) at start."""
+    pool = ReplicaPool(StaticDiscovery([replica]))
+    try:
+        [held] = pool.refresh()
+        held.job_id, held.version = "job-e", 0
+        spec = JobSpec.model_validate(_spec(model))
+        ctx = StepContext("job-e", spec, 0, 0, load_codec(str(model)), PromptSource(spec.task),
+                          threading.Event())  # fmt: skip
+        return EpisodeStrategy(pool, clients).rollout(ctx)
+    finally:
+        clients.close()
+        pool.close()
+
+
 def test_an_episode_sample_masks_the_environments_tokens(service_factory, redis_url, chat_model):
     common = ["--redis-url", redis_url, "--log-format", "text"]
     env = service_factory("env", "rlfleet.env", common, env=ENV)
     replica = service_factory("rollout-0", "rlfleet.rollout",
                               common + ["--replica-id", "r0", "--model-path", str(chat_model),
                                         "--device", "cpu", "--torch-threads", "1"], env=ENV)  # fmt: skip
-    pool = ReplicaPool(StaticDiscovery([replica.address]))
     clients = ServiceClients(reward_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
                              env_address=env.address)  # fmt: skip
-    try:
-        [held] = pool.refresh()
-        held.job_id, held.version = "job-e", 0  # the base model it loaded at start is version 0
-        spec = JobSpec.model_validate(_spec(chat_model))
-        codec = load_codec(str(chat_model))
-        ctx = StepContext("job-e", spec, 0, 0, codec, PromptSource(spec.task), threading.Event())
-        result = EpisodeStrategy(pool, clients).rollout(ctx)
-    finally:
-        clients.close()
-        pool.close()
+    result = _play_one_step(replica.address, clients, chat_model)
+    codec = load_codec(str(chat_model))
     samples = result.samples
     assert len(samples) == 4
     reply = _renderer(str(chat_model), codec).reply_ids([{"role": "user", "content": FEEDBACK}])
@@ -145,19 +152,9 @@ def test_env_service_killed_mid_episode_the_steps_episodes_are_played_again(
                                                  common + ["--port", port], env=ENV))  # fmt: skip
             return super().env_call(what, method, request, timeout=timeout)
 
-    pool = ReplicaPool(StaticDiscovery([replica.address]))
     clients = KillingEnvOnFirstStep(reward_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
                                     env_address=env.address)  # fmt: skip
-    try:
-        [held] = pool.refresh()
-        held.job_id, held.version = "job-k", 0
-        spec = JobSpec.model_validate(_spec(chat_model))
-        codec = load_codec(str(chat_model))
-        ctx = StepContext("job-k", spec, 0, 0, codec, PromptSource(spec.task), threading.Event())
-        result = EpisodeStrategy(pool, clients).rollout(ctx)
-    finally:
-        clients.close()
-        pool.close()
+    result = _play_one_step(replica.address, clients, chat_model)
     assert restarted, "the env service was not killed"
     assert sorted(s.sample_id for s in result.samples) == ["g0-0", "g0-1", "g1-0", "g1-1"]
     # Every episode was reset twice: under the first attempt's ids, then fresh ones.
