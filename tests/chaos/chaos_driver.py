@@ -13,6 +13,12 @@ rollout replica while it generates.
 killed) and checks the books: every prompt the job dispatched was written to
 the buffer once and trained in exactly one step, nothing is left pending, and
 the scheduler recorded each step once.
+
+``kill_mid_broadcast`` kills -9 a member of a collective job's weight group (a rollout
+replica or the trainer) while the trainer is broadcasting a version to it: the trainer
+runs with ``RLFLEET_WEIGHT_GROUP_PAUSE_S`` (``common/weight_group.py``), which holds each
+version between its first range and the next, and the kill lands the moment its log says
+"weight group G: version N paused": the replicas hold the version's start, not its end.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 from rlfleet.cli.fleet import Fleet
@@ -147,6 +156,105 @@ class ChaosDriver:
         self.log.append(f"{time.strftime('%H:%M:%S')} killed {name} during step {step}")
         logger.warning("chaos: killed and restarted %s during step %d", name, step)
         return step
+
+
+PAUSED = re.compile(r"weight group (\d+): version (\d+) paused")
+"""What the trainer logs as it holds a version between two ranges (WeightSender.send with
+RLFLEET_WEIGHT_GROUP_PAUSE_S set), the version's first range sent."""
+_TS = re.compile(r'"ts": ([0-9.]+)')
+
+
+class LogWatch:
+    """The lines a service's log gains from the moment this is made (a restarted service
+    appends to the same file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def lines(self) -> list[tuple[int, str]]:
+        """The complete lines written since the last call, each with the offset it ends at."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        out = []
+        *complete, _ = data.split(b"\n")  # not splitlines: progress bars write bare \r
+        for raw in complete:
+            self.offset += len(raw) + 1
+            out.append((self.offset, raw.decode(errors="replace")))
+        return out
+
+    def wait_for(self, pattern: re.Pattern, *, timeout_s: float,
+                 accept: Callable[[re.Match], bool] = lambda m: True,
+                 poll_s: float = 0.005) -> tuple[re.Match, int] | None:  # fmt: skip
+        """The first new line that matches ``pattern`` (and ``accept``) with the offset it
+        ends at, or None when none does in time. The lines after it are skipped."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            for offset, line in self.lines():
+                match = pattern.search(line)
+                if match and accept(match):
+                    return match, offset
+            time.sleep(poll_s)
+        return None
+
+
+def log_between(path: Path, start: int, end: int | None = None) -> list[str]:
+    """The lines of a log from byte ``start`` to ``end`` (None: its end)."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        data = fh.read() if end is None else fh.read(end - start)
+    return data.decode(errors="replace").split("\n")
+
+
+@dataclass
+class BroadcastKill:
+    """One kill -9 that landed while the trainer was broadcasting ``version``."""
+
+    name: str
+    version: int
+    generation: int
+    step: int  # the job's current step (the one training) when it was killed
+    lag_s: float  # from the trainer's log line (its timestamp) to the kill
+    marker_offset: int  # where that log line ends in the trainer's log
+    killed_offset: int  # where the trainer's log stood right after the kill
+
+    def line(self) -> str:
+        return (f"killed {self.name} {self.lag_s * 1000:.0f} ms into the pause in version "
+                f"{self.version} over weight group {self.generation} (step {self.step})")  # fmt: skip
+
+
+def kill_mid_broadcast(fleet: Fleet, client: redis.Redis, job_id: str, name: str, *,
+                       min_version: int, within_s: float = 180.0,
+                       down_s: float = 0.5) -> BroadcastKill:  # fmt: skip
+    """Kills -9 service ``name`` (a rollout replica, or the trainer) as soon as the trainer
+    logs that it paused in a version >= ``min_version`` it is broadcasting over the job's
+    weight group, then restarts it on its ports after ``down_s``, as ``rlfleet up`` would.
+    The trainer must run with RLFLEET_WEIGHT_GROUP_PAUSE_S set."""
+    trainer_log = fleet.procs["trainer"].log_path
+    watch = LogWatch(trainer_log)
+    found = watch.wait_for(PAUSED, timeout_s=within_s,
+                           accept=lambda m: int(m[2]) >= min_version)  # fmt: skip
+    if found is None:
+        raise AssertionError(
+            f"the trainer did not pause in a version >= {min_version} within {within_s:.0f}s "
+            f"(job state: {read_job(client, job_id)['state']}; is RLFLEET_WEIGHT_GROUP_PAUSE_S "
+            "set?)"
+        )
+    fleet.procs[name].kill()
+    match, marker_offset = found
+    ts = _TS.search(match.string)
+    lag_s = time.time() - float(ts[1]) if ts else float("nan")
+    kill = BroadcastKill(name, int(match[2]), int(match[1]),
+                         read_job(client, job_id)["current_step"], lag_s, marker_offset,
+                         trainer_log.stat().st_size)  # fmt: skip
+    logger.warning("chaos: %s", kill.line())
+    time.sleep(down_s)  # its peers see it gone (sockets closed) before it is back
+    fleet.restart(name)
+    return kill
 
 
 def _running_sequences(address: str) -> int:

@@ -18,12 +18,22 @@ Messages, each a broadcast from rank 0: a control tensor of four int64
 ``[kind, a, b, c]``, then for a range its bytes. Kinds: a version begins (a = version,
 b = payload bytes), a range follows (a = start, b = end), the version ends (a = checksum
 length; the checksum follows as bytes), the version is abandoned.
+
+The sender logs "weight group G: broadcasting version N" as a version begins.
+
+Fault tests only: ``RLFLEET_WEIGHT_GROUP_PAUSE_S`` (seconds, default 0), read once when a
+``WeightSender`` is made, makes the trainer sleep that long before each range of a version
+but the first, after logging "weight group G: version N paused ...", so a test can kill a
+member (or the trainer) while a version is cut in half (tests/chaos). Leave it unset in
+service: it delays every version by that much.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 BEGIN, RANGE, END, ABANDON = 1, 2, 3, 4
 _CHECKSUM_BYTES = 256
+PAUSE_ENV = "RLFLEET_WEIGHT_GROUP_PAUSE_S"
+"""Fault-injection knob (tests only): seconds the sender sleeps between ranges."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class WeightSender:
         self.timeout_s = timeout_s
         self.broken = ""  # why the group is unusable; empty while it is fine
         self._group: dist.ProcessGroup | None = None
+        self.pause_s = float(os.environ.get(PAUSE_ENV) or 0.0)  # fault tests only
+        self._version, self._ranges = 0, 0  # the version being sent, its ranges sent
         self._joined = threading.Event()
         threading.Thread(target=self._join, name="weight-group", daemon=True).start()
 
@@ -116,15 +130,29 @@ class WeightSender:
         except Exception as exc:  # noqa: BLE001 - a member died or timed out: drop the group
             self.broken = f"{what} failed: {exc}"
             logger.warning("weight group %d broken: %s", self.address.generation, self.broken)
+            # Its connections close with it, so the other members leave at once instead of
+            # waiting mid-version (holding a buffer) until the next group forms.
+            self._group = None
             return False
 
     def begin(self, version: int, num_bytes: int) -> bool:
-        return self._guarded("begin", lambda: self._control(BEGIN, version, num_bytes))
+        self._version, self._ranges = version, 0
+        ok = self._guarded("begin", lambda: self._control(BEGIN, version, num_bytes))
+        if ok:
+            logger.info("weight group %d: broadcasting version %d", self.address.generation,
+                        version)  # fmt: skip
+        return ok
 
     def send(self, payload: Buffer, start: int, end: int) -> bool:
         """Broadcasts ``payload[start:end]``, final bytes of the version being sent."""
 
         def run() -> None:
+            if self.pause_s > 0 and self._ranges > 0:  # fault tests: a version cut in half
+                logger.info("weight group %d: version %d paused %.2fs after %d range(s) (%s)",
+                            self.address.generation, self._version, self.pause_s,
+                            self._ranges, PAUSE_ENV)  # fmt: skip
+                time.sleep(self.pause_s)
+            self._ranges += 1
             self._control(RANGE, start, end)
             _broadcast(self._group, _bytes_of(payload, start, end))
 
