@@ -148,15 +148,25 @@ class DatasetEntries:
 
     def _conversation(self, index: int, row: dict[str, Any]) -> dict[str, Any]:
         """A messages row: ``prompt_messages`` (up to the last user turn) and ``question``
-        (that turn's text, for verifiers and reward-model templates)."""
+        (that turn's text, for verifiers and reward-model templates). A *transcript* (tool
+        turns, or several assistant turns: an agent's demonstration) has its prompt end
+        before the first assistant turn, and the rest in ``transcript`` (SFT learns every
+        assistant turn of it)."""
         messages = _messages(row[self.spec.messages_column], index, self.spec.messages_column)
-        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        transcript = len(assistants) > 1 or any(m["role"] == "tool" for m in messages)
+        if transcript:
+            prompt = messages[: assistants[0]] if assistants else messages
+        else:
+            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         if not prompt or prompt[-1]["role"] != "user":
             raise ValueError(
                 f"task.dataset: row {index}'s {self.spec.messages_column!r} has no user turn "
                 "before its end (the prompt ends with the user's message)"
             )
         entry = {**row, "question": prompt[-1]["content"], "prompt_messages": prompt}
+        if transcript:
+            entry["transcript"] = messages[len(prompt) :]
         answer = row.get(self.spec.answer_column)
         if answer is not None and self.spec.answer_regex:
             found = re.search(self.spec.answer_regex, str(answer), re.MULTILINE)

@@ -70,3 +70,49 @@ def chat_completion_ids(
             "from its generation prompt, so the assistant's tokens cannot be told apart"
         )
     return full[len(prompt) :]
+
+
+def chat_transcript_ids(
+    model_path: str,
+    prompt: list[dict[str, str]],
+    transcript: list[dict[str, str]],
+    system_prompt: str = "",
+) -> tuple[list[int], list[bool]]:
+    """SFT on an agent's demonstration: the tokens the chat template renders for
+    ``transcript`` after the prompt, and per token whether it is learned. Assistant turns
+    (content and end of turn) are; the tool results, user turns and the headers that open
+    each assistant turn are not, exactly as a multi-turn episode masks the environment's
+    tokens (``scheduler/episodes.py``). Each piece is the text the template adds for it,
+    tokenised on its own, as an episode's pieces are."""
+    tokenizer = _chat_tokenizer(model_path)
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    history = chat_messages(prompt, system_prompt)
+
+    def render(messages, opened: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=opened)  # fmt: skip
+
+    ids: list[int] = []
+    mask: list[bool] = []
+    text = render(history, True)  # the prompt: its generation header opens the first turn
+    opened = True
+
+    def add(rendered: str, learned: bool) -> str:
+        if not rendered.startswith(text):
+            raise InvalidArgument(
+                f"the chat template of {model_path!r} renders a conversation differently once "
+                "messages follow it; transcripts need a template that only appends"
+            )
+        piece = encode(rendered[len(text) :])
+        ids.extend(piece)
+        mask.extend([learned] * len(piece))
+        return rendered
+
+    for message in transcript:
+        learned = message["role"] == "assistant"
+        if learned and not opened:  # the header that opens the turn: not learned
+            text = add(render(history, True), False)
+        history = [*history, message]
+        text = add(render(history, False), learned)
+        opened = False
+    return ids, mask

@@ -4,7 +4,10 @@ Step s takes dataset rows s·P .. s·P + P − 1 (P = ``algorithm.prompts_per_st
 seeded shuffle makes row i the same after any restart) and turns each into a sample:
 the prompt tokens exactly as an RL job would send them (template or chat), the
 row's completion as the target tokens (``TextCodec.completion_ids``), cut at
-``sampling.max_new_tokens``. The step loop hands them to the reward service's
+``sampling.max_new_tokens``. A transcript (an agent's demonstration: tool turns or several
+assistant turns) is learned whole: every assistant turn, with the tool results and user
+turns between them masked from the loss (``chat.chat_transcript_ids``), as a multi-turn
+episode's are. The step loop hands them to the reward service's
 ``Write`` (no score) so they reach the trainer through the same buffer, with the
 same idempotency and acknowledgement as RL experience; the trainer's SFT update
 puts the loss on the completion tokens only. The replicas still load every new
@@ -29,11 +32,20 @@ class SftStrategy(RolloutStrategy):
         samples = []
         for serial in range(ctx.step * per_step, (ctx.step + 1) * per_step):
             text, entry = ctx.prompts.get(serial)
-            try:
-                completion = ctx.prompts.completion(serial)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-            target = ctx.codec.completion_ids(text, completion, ctx.spec.task)[:limit]
+            mask: list[bool] = []
+            if "transcript" in entry:  # an agent's demonstration: every assistant turn
+                from rlfleet.scheduler.chat import chat_transcript_ids
+
+                target, mask = chat_transcript_ids(ctx.spec.model.path, text, entry["transcript"],
+                                                   ctx.spec.task.system_prompt)  # fmt: skip
+                target, mask = target[:limit], mask[:limit]
+                completion = "".join(m["content"] for m in entry["transcript"])
+            else:
+                try:
+                    completion = ctx.prompts.completion(serial)
+                except ValueError as exc:
+                    raise InvalidArgument(str(exc)) from None
+                target = ctx.codec.completion_ids(text, completion, ctx.spec.task)[:limit]
             samples.append(
                 common_pb2.Sample(
                     job_id=ctx.job_id,
@@ -45,6 +57,7 @@ class SftStrategy(RolloutStrategy):
                     # Demonstrations were not sampled: no inference log-probs to correct.
                     inference_logprobs=[0.0] * len(target),
                     token_versions=[ctx.version] * len(target),
+                    loss_mask=mask,
                     finish_reason="stop",
                     completion_text=completion,
                     task_json=entry_to_json(entry),

@@ -170,3 +170,36 @@ def test_a_reward_model_that_is_not_a_sequence_classifier_is_refused(tiny_model_
         submit({"verifier": "weighted", "terms": [
             {"verifier": "math", "weight": 1.0},
             {"verifier": "reward_model", "weight": 0.5, "settings": {"path": str(tmp_path)}}]})  # fmt: skip
+
+
+def test_an_agent_transcript_learns_every_assistant_turn_and_masks_the_tools(
+    tiny_model_dir, tmp_path
+):
+    """SFT on a tool-use demonstration (warm-starting a multi-turn job): the prompt ends
+    before the first assistant turn; both assistant turns are learned, the tool result
+    and the header that opens the second turn are masked, as an episode masks them."""
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))  # fmt: skip
+    rows = tmp_path / "transcripts.jsonl"
+    rows.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "3 + 4?"},
+        {"role": "assistant", "content": "calc(3 + 4)"},
+        {"role": "tool", "content": "7"},
+        {"role": "assistant", "content": "7"}]}) + "\n")  # fmt: skip
+    spec = validate_spec(json.dumps({
+        "model": {"path": str(model)}, "algorithm": {"kind": "sft", "prompts_per_step": 1},
+        "task": {"kind": "dataset", "prompt_format": "chat", "dataset": {
+            "path": str(rows), "messages_column": "messages", "shuffle": False}}}))  # fmt: skip
+    ctx = StepContext("job-1", spec, 0, 0, load_codec(str(model)), PromptSource(spec.task),
+                      threading.Event())  # fmt: skip
+    [sample] = SftStrategy(pool=None).rollout(ctx).samples
+    raw = Tokenizer.from_file(str(model / "tokenizer.json"))
+    assert list(sample.prompt_token_ids) == raw.encode("[user] 3 + 4?\n[assistant]").ids
+    pieces = [(" calc(3 + 4)\n", True), ("[tool] 7\n", False), ("[assistant]", False),
+              (" 7\n", True)]  # fmt: skip
+    want_ids = [t for text, _ in pieces for t in raw.encode(text).ids]
+    want_mask = [m for text, m in pieces for _ in raw.encode(text).ids]
+    assert list(sample.completion_token_ids) == want_ids
+    assert list(sample.loss_mask) == want_mask
