@@ -9,7 +9,6 @@ from the job's newest checkpoint, instead of failing the job.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from rlfleet.common.buffer import ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from rlfleet.common.job_ids import check_job_id
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.weight_group import GroupAddress
 from rlfleet.trainer.engine import RankMirror
@@ -27,18 +27,6 @@ from rlfleet.trainer.state import StepResult, TrainerStore
 logger = logging.getLogger(__name__)
 
 __all__ = ["JobTrainer", "TrainerCore", "check_job_id"]
-
-# The job id names a checkpoint directory and Redis keys: keep it to safe characters.
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_job_id(job_id: str) -> str:
-    if not _JOB_ID.match(job_id or ""):
-        raise InvalidArgument(
-            f"job_id {job_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return job_id
 
 
 class TrainerCore:

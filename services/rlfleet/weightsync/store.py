@@ -62,6 +62,7 @@ from rlfleet.common.errors import (
     NotFound,
     Unavailable,
 )
+from rlfleet.common.job_ids import check_job_id
 from rlfleet.common.weight_transport import BufferPool
 from rlfleet.common.weights import (
     CHUNK_BYTES,
@@ -945,8 +946,7 @@ def _torn(version: int) -> None:
 
 
 def _check_id(job_id: str, version: int) -> None:
-    if not job_id:
-        raise InvalidArgument("job_id is empty")
+    check_job_id(job_id)  # it names the job's spool directory
     if version < 0:
         raise InvalidArgument(f"version must be >= 0, got {version}")
 

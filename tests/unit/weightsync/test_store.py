@@ -146,12 +146,16 @@ def test_restart_with_a_spool_serves_the_same_version(tmp_path, payloads):
     before = VersionStore(keep_versions=2, spool_dir=spool, chunk_bytes=CHUNK)
     for v in range(4):
         _push(before, payloads[v], v)
-    _push(before, payloads[0], 0, job_id="odd/../job id")  # stays inside the spool
+    _push(before, payloads[0], 0, job_id="job.b_2")
+    # A job id that could leave the spool, or that no filesystem takes, is refused.
+    for bad in ("odd/../job id", "x" * 300):
+        with pytest.raises(InvalidArgument, match="is not valid"):
+            _push(before, payloads[0], 0, job_id=bad)
     # fsyncs run in the background; a stopping weight-sync lets them finish (a crash before
     # they do is test_spool_files.py's business).
     before.close()
     files = sorted(p.name for p in spool.rglob("*") if p.is_file())
-    assert len(files) == 3  # 2 kept for job-a, 1 for the odd job
+    assert len(files) == 3  # 2 kept for job-a, 1 for job.b_2
 
     # A crash mid-write leaves a temporary file; it is never served.
     (next(spool.glob("job-job-a")) / ".tmp-deadbeef").write_bytes(b"half a version")
@@ -162,7 +166,7 @@ def test_restart_with_a_spool_serves_the_same_version(tmp_path, payloads):
     _, version, payload, _ = assemble(after.pull("job-a", 0))
     assert (version, payload) == (3, payloads[3])
     assert after.get("job-a", 2)[1] == payloads[2]  # read lazily from disk
-    assert after.current("odd/../job id").version == 0
+    assert after.current("job.b_2").version == 0
     assert not list(spool.rglob(".tmp-*"))
     with pytest.raises(FailedPrecondition):
         _push(after, payloads[4], 3)
