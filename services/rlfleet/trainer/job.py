@@ -370,8 +370,9 @@ class JobTrainer:
     def _checkpoint(self, result: StepResult, payload: Buffer) -> None:
         """Starts the checkpoint of ``result``'s step: every rank stages its optimizer
         shards (DCP writes them in the background); a thread of this rank waits for them,
-        writes ``payload`` and the rest, and renames the directory into place. One at a
-        time: the previous checkpoint is finished (or its failure logged) first."""
+        writes ``payload`` and the rest, renames the directory into place and gives the
+        payload back. One at a time: the previous checkpoint is finished (or its failure
+        logged) first. When this raises, the payload is still the caller's."""
         try:
             self.wait_checkpoint()
         except Exception:  # noqa: BLE001 - logged by the writer; this one may succeed
@@ -380,9 +381,8 @@ class JobTrainer:
         tmp = self.checkpoints.begin(result.step)
         try:
             saving = self.mirror.call(self.job_id, "save_optimizer", str(tmp / OPTIMIZER_DIR))
-        except BaseException:
+        except BaseException:  # the caller still owns the payload
             shutil.rmtree(tmp, ignore_errors=True)
-            self._payloads.give(payload)
             raise
         state = {
             "job_id": self.job_id,
