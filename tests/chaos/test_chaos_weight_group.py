@@ -162,9 +162,9 @@ def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_
         ]
         by_version = {int(r["metrics"]["policy_version"]): r["metrics"] for r in records}
 
-        # Each kill landed inside the pause, and cut its version short.
+        # Each kill cut its version short (checked on the outcome, not on how fast the
+        # kill followed the log line: no timing assertion).
         for kill in kills:
-            assert kill.lag_s < PAUSE_S / 2, kill.line()
             cut = by_version[kill.version]
             # the trainer killed: its restarted self redid the step without a group
             assert cut.get("weights_broadcast", 0.0) == 0.0, (kill.line(), cut)
