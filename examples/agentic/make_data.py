@@ -41,7 +41,8 @@ CHAT_TEMPLATE = (
 """[user] What is 437 - 58?\\n[assistant] <tool_call>...</tool_call></s>\\n[tool] 379\\n
 [assistant] 379</s>\\n. It ignores ``tools=`` (the environment runs with tool_prompt
 "none": the model learns the call format from the transcripts, which keeps prompts short)
-and a tool message's ``name`` (SFT rows keep only role and content)."""
+and a tool message's ``name``, so transcripts and episodes render the same whatever they
+carry."""
 MODEL_INFO_FILE = "rlfleet_agentic_model.json"
 
 

@@ -297,10 +297,14 @@ class Accounting:
 
 
 def account(client: redis.Redis, job_id: str) -> Accounting:
-    """The books of a finished sync-mode job, read from Redis (keys in docs/DESIGN.md)."""
+    """The books of a finished job, read from Redis (keys in docs/DESIGN.md). A sync job
+    writes exactly the groups of prompts 0 .. steps × prompts_per_step − 1; a C3PO++ job
+    writes whole groups of whatever prompts its pool released, each step as many samples
+    as its record says."""
     job = read_job(client, job_id)
     spec = JobSpec.model_validate_json(job["spec_json"])
     per_step, group = spec.algorithm.prompts_per_step, spec.algorithm.group_size
+    c3po = spec.scheduling.mode == "c3po"
     problems: list[str] = []
 
     records = [
@@ -309,17 +313,27 @@ def account(client: redis.Redis, job_id: str) -> Accounting:
     record_steps = [int(r["step"]) for r in records]
     if record_steps != list(range(spec.steps)):
         problems.append(f"step records are {record_steps}, expected 0..{spec.steps - 1} once each")
+    recorded_samples = {int(r["step"]): int(r["metrics"]["samples"]) for r in records}
 
-    expected_ids = {
-        f"g{serial}-{m}" for serial in range(spec.steps * per_step) for m in range(group)
-    }
     written = {x.decode() for x in _retry(lambda: client.smembers(f"rlfleet:exp:{job_id}:ids"))}
-    if written != expected_ids:
-        missing, extra = expected_ids - written, written - expected_ids
-        problems.append(
-            f"buffer ids differ from the dispatched prompts: {len(missing)} missing "
-            f"(e.g. {sorted(missing)[:3]}), {len(extra)} unexpected (e.g. {sorted(extra)[:3]})"
-        )
+    if c3po:
+        members = Counter(sid.rsplit("-", 1)[0] for sid in written)
+        partial = sorted(g for g, n in members.items() if n != group)
+        if partial:
+            problems.append(f"{len(partial)} groups were written incomplete: {partial[:3]}")
+        if len(written) != sum(recorded_samples.values()):
+            problems.append(f"{len(written)} samples written, the step records hold "
+                            f"{sum(recorded_samples.values())}")  # fmt: skip
+    else:
+        expected_ids = {
+            f"g{serial}-{m}" for serial in range(spec.steps * per_step) for m in range(group)
+        }
+        if written != expected_ids:
+            missing, extra = expected_ids - written, written - expected_ids
+            problems.append(
+                f"buffer ids differ from the dispatched prompts: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:3]}), {len(extra)} unexpected (e.g. {sorted(extra)[:3]})"
+            )
 
     trained_entries: list[str] = []
     samples_trained = 0
@@ -331,9 +345,10 @@ def account(client: redis.Redis, job_id: str) -> Accounting:
         result = json.loads(raw)
         trained_entries += result["entry_ids"]
         samples_trained += int(result["samples_trained"])
-        if int(result["samples_trained"]) != per_step * group:
+        expected = recorded_samples.get(s, 0) if c3po else per_step * group
+        if int(result["samples_trained"]) != expected:
             problems.append(
-                f"step {s} trained {result['samples_trained']} samples, expected {per_step * group}"
+                f"step {s} trained {result['samples_trained']} samples, expected {expected}"
             )
     dupes = [e for e, n in Counter(trained_entries).items() if n > 1]
     if dupes:
@@ -356,7 +371,7 @@ def account(client: redis.Redis, job_id: str) -> Accounting:
         state=job["state"],
         reason=job.get("reason", ""),
         steps=spec.steps,
-        prompts_dispatched=spec.steps * per_step,
+        prompts_dispatched=len(written) // group if c3po else spec.steps * per_step,
         samples_written=len(written),
         samples_trained=samples_trained,
         stream_entries_added=added,

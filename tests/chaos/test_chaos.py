@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -203,3 +204,71 @@ def test_kill_9_of_one_trainer_rank_mid_step_the_job_resumes_with_exact_books(
         client.close()
     finally:
         fleet.stop()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def test_kill_9_of_the_env_service_and_the_scheduler_mid_episode(fleet, tiny_model_dir, tmp_path):
+    """A C3PO++ job of multi-turn `retry` episodes, carried over between steps: kill -9 of
+    the env service while its episodes are half played (it comes back on its port, with
+    no episodes), then of the scheduler (it resumes from the pool saved at the last step,
+    which the env service may be past). The lost episodes are started again from their
+    prompts (the scheduler logs each), the job succeeds, and the books are exact: every
+    sample written once, in a whole group, and trained in exactly one step."""
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": CHAT_TEMPLATE})
+    )
+    spec = {
+        "model": {"path": str(model)},
+        "task": {"name": "basic_arithmetic", "size": 1000,
+                 "environment": {"name": "retry", "max_turns": 3,
+                                 "options": {"max_turns": 3, "feedback": "No; again."}}},
+        "sampling": {"max_new_tokens": 8},
+        "algorithm": {"group_size": 2, "prompts_per_step": 4},
+        # A budget below a step's work: every step leaves episodes carried over in P.
+        "scheduling": {"mode": "c3po", "token_budget": 24, "pool_capacity": 8,
+                       "retention_limit": 6},
+        "steps": 24,
+    }  # fmt: skip
+    client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
+    scheduler_log = fleet.procs["scheduler"].log_path
+    with make_channel(fleet.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
+    step = lambda: read_job(client, job.job_id)["current_step"]  # noqa: E731
+    try:
+        _wait("the job has run two steps", lambda: step() >= 2)
+        fleet.procs["env"].kill()
+        killed_env_at = step()
+        time.sleep(0.5)  # Step calls fail (UNAVAILABLE, retried) while it is down
+        fleet.restart("env")
+        _wait("the job moves on", lambda: step() >= killed_env_at + 3, timeout=180)
+        fleet.procs["scheduler"].kill()
+        killed_scheduler_at = step()
+        fleet.restart("scheduler")
+        _wait("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
+              timeout=300)  # fmt: skip
+    finally:
+        if read_job(client, job.job_id)["state"] == "running":
+            with make_channel(fleet.scheduler_address) as channel:
+                scheduler_pb2_grpc.SchedulerServiceStub(channel).CancelJob(
+                    scheduler_pb2.CancelJobRequest(job_id=job.job_id), timeout=30
+                )
+    books = account(client, job.job_id)
+    print(f"\nenv killed in step {killed_env_at}, scheduler in step {killed_scheduler_at}")
+    for line in books.lines():
+        print("  " + line)
+    assert books.problems == [], "\n".join(books.lines())
+    log = scheduler_log.read_text(errors="replace")
+    assert "started again from its prompt" in log, "no episode was started again"
+    records = [json.loads(r) for r in client.lrange(f"rlfleet:job:{job.job_id}:steps", 0, -1)]
+    assert sum(r["metrics"].get("env_episodes_restarted", 0) for r in records) > 0
+    client.close()

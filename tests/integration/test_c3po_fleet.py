@@ -14,22 +14,18 @@ neighbouring version must give a different one.
 from __future__ import annotations
 
 import json
-import shutil
-import threading
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-import redis
 from rlfleet.common.grpc_client import make_channel
-from rlfleet.common.weights import assemble, decode_state_dict
-from rlfleet.v1 import (
-    common_pb2,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    weightsync_pb2,
-    weightsync_pb2_grpc,
-)
+from rlfleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fleet_samples import StreamTap, pull_version, sample_logprobs, varied_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -39,21 +35,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def varied_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with larger weights and a stronger EOS: lengths from 2 to the limit."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("varied-model")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        model.get_input_embeddings().weight[model.config.eos_token_id] *= 6.0
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied-model"))
 
 
 @pytest.fixture
@@ -100,58 +82,6 @@ def fleet(service_factory, redis_url, tmp_path):
         ],
     )  # fmt: skip
     return {"scheduler": scheduler, "weightsync": ws}
-
-
-class StreamTap:
-    """Reads a job's experience stream as reward writes it (XREAD, outside the trainer's
-    consumer group), so the test sees every sample before the trainer acknowledges and
-    deletes it."""
-
-    def __init__(self, url: str, job_id: str):
-        self.r = redis.Redis.from_url(url)
-        self.key = f"rlfleet:exp:{job_id}"
-        self.samples: list[common_pb2.Sample] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        last = "0"
-        while not self._stop.is_set():
-            reply = self.r.xread({self.key: last}, block=200, count=500)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    self.samples.append(common_pb2.Sample.FromString(fields[b"pb"]))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.r.close()
-
-
-def _pull(ws_address: str, job_id: str, version: int) -> dict:
-    with make_channel(ws_address) as channel:
-        stub = weightsync_pb2_grpc.WeightSyncServiceStub(channel)
-        chunks = stub.PullVersion(
-            weightsync_pb2.PullVersionRequest(job_id=job_id, version=version, replica_id="test"),
-            timeout=60,
-        )
-        _, got, payload, _ = assemble(chunks)
-    assert got == version
-    return decode_state_dict(payload)
-
-
-def _logprobs(model, sample) -> list[float]:
-    """log_softmax(logits)[token] of every completion token (temperature 1), one full forward."""
-    import torch
-
-    prompt, completion = list(sample.prompt_token_ids), list(sample.completion_token_ids)
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp[torch.arange(len(completion)), torch.tensor(completion)].tolist()
 
 
 def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, varied_model_dir):
@@ -239,11 +169,11 @@ def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, 
         state = (
             base.state_dict()
             if version == 0
-            else _pull(fleet["weightsync"].address, job.job_id, version)
+            else pull_version(fleet["weightsync"].address, job.job_id, version)
         )
         model.load_state_dict(state, strict=False)
         for s in crossed:
-            recomputed[(s.sample_id, version)] = _logprobs(model, s)
+            recomputed[(s.sample_id, version)] = sample_logprobs(model, s)
     for s in crossed:
         versions = list(s.token_versions)
         for i, v in enumerate(versions):

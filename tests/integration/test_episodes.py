@@ -206,6 +206,16 @@ def test_a_retry_job_trains_through_the_fleet(service_factory, redis_url, tmp_pa
         assert abs(m["train_infer_kl_k1"]) < 1e-3 and m["max_abs_dp"] < 1e-2, dict(m)
 
 
-def test_a_job_with_an_environment_needs_sync_mode(chat_model):
-    with pytest.raises(ValueError, match="C3PO\\+\\+ across turns is not supported yet"):
-        JobSpec.model_validate(_spec(chat_model, scheduling={"mode": "c3po"}))
+def test_what_a_job_with_an_environment_accepts(chat_model, tmp_path):
+    JobSpec.model_validate(_spec(chat_model, scheduling={"mode": "c3po"}))
+    with pytest.raises(ValueError, match="scheduling.overlap = false"):
+        JobSpec.model_validate(_spec(chat_model, scheduling={"mode": "c3po", "overlap": True}))
+    with pytest.raises(ValueError, match="eval scores single completions"):
+        JobSpec.model_validate(_spec(chat_model, eval={"every_steps": 1}))
+    # A dataset job needs no reward block: the environment scores its episodes.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1 + 1", "answer": "2"}\n')
+    spec = _spec(chat_model)
+    spec["task"] = {"kind": "dataset", "dataset": {"path": str(rows)},
+                    "environment": spec["task"]["environment"]}  # fmt: skip
+    JobSpec.model_validate(spec)

@@ -211,4 +211,9 @@ def _messages(value: Any, index: int, column: str) -> list[dict[str, str]]:
             f"task.dataset: row {index}'s {column!r} is not a list of chat messages "
             '({"role": ..., "content": ...})'
         )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    # A tool result keeps its ``name`` (some templates render it), as an episode's does.
+    return [
+        {"role": m["role"], "content": m["content"]}
+        | ({"name": m["name"]} if isinstance(m.get("name"), str) and m["name"] else {})
+        for m in value
+    ]

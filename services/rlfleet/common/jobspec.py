@@ -466,7 +466,10 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _dataset_needs_a_verifier_of_its_own(self) -> JobSpec:
         kinds = {self.reward.verifier, *(t.verifier for t in self.reward.terms)}
-        scored = self.algorithm.kind != "sft" or self.eval is not None
+        # Episodes are scored by their environment, not by reward.verifier.
+        scored = (self.algorithm.kind != "sft" and self.task.environment is None) or (
+            self.eval is not None
+        )
         if self.task.kind == "dataset" and "reasoning_gym" in kinds and scored:
             raise ValueError(
                 "reward.verifier 'reasoning_gym' scores reasoning-gym tasks only; for "
@@ -497,15 +500,20 @@ class JobSpec(_Spec):
         return self
 
     @model_validator(mode="after")
-    def _episodes_run_in_sync_mode(self) -> JobSpec:
+    def _episodes_run_without_overlap(self) -> JobSpec:
         if self.task.environment is None:
             return self
         if self.algorithm.kind != "grpo":
             raise ValueError("task.environment runs episodes for RL: algorithm.kind must be 'grpo'")
-        if self.scheduling.mode != "sync" or self.scheduling.overlap:
+        if self.scheduling.overlap:
             raise ValueError(
-                "task.environment runs with scheduling.mode 'sync' (C3PO++ across turns is not "
-                "supported yet)"
+                "task.environment runs with scheduling.overlap = false (episodes are carried "
+                "over at the stop, not generated while the step trains)"
+            )
+        if self.eval is not None:
+            raise ValueError(
+                "eval scores single completions and has no episode path yet; remove the eval "
+                "block from a job with a task.environment (its step metrics carry reward_mean)"
             )
         return self
 

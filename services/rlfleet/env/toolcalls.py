@@ -58,8 +58,11 @@ def _parse_one(body: str) -> ToolCall:
     try:
         obj = json.loads(raw, strict=False)
     except json.JSONDecodeError as exc:
+        # Some of json's messages end in "at" ("Unterminated string starting at"): the
+        # position follows them, so that "at" must not come twice.
+        what = exc.msg.removesuffix(" at")
         return ToolCall(
-            error=f"the tool call is not valid JSON ({exc.msg} at char {exc.pos})", raw=raw
+            error=f"the tool call is not valid JSON ({what} at char {exc.pos})", raw=raw
         )
     if not isinstance(obj, dict):
         return ToolCall(

@@ -12,9 +12,9 @@ Why it is built this way
       ``unshare`` puts the child in new network, PID, mount, IPC and UTS
       namespaces (``--map-root-user`` adds a user namespace when the service
       is not root). No network device but a downed loopback: a connect to
-      127.0.0.1 fails with "network unreachable". The child is PID 1 of its
-      own PID namespace with its own /proc, so it sees none of the service's
-      processes, and killing it (``--kill-child``) kills everything it forked.
+      127.0.0.1 fails with "network unreachable". The run has a PID namespace
+      with its own /proc, so it sees none of the service's processes, and
+      killing its first process (``--kill-child``) kills everything it forked.
       The throwaway work directory is bind-mounted over /tmp; /var/tmp,
       /dev/shm and the secret mount points (``hide_paths``) get empty tmpfs.
   ``seccomp``
@@ -28,6 +28,11 @@ Why it is built this way
       deadline after which the process group is killed; a clean environment
       (PATH and LANG only, so no inherited secret); a throwaway directory as
       cwd and HOME; ``python -I -S`` (no PYTHON* variables, no site-packages).
+      The code runs as the child of a small supervisor (the bootstrap): in a
+      PID namespace the code is then not PID 1, which would ignore the CPU
+      limit's SIGXCPU; the supervisor reports the code's exit status and, as a
+      child subreaper, keeps what the code orphans (even after ``setsid()``) in
+      the run's process tree, which is killed after the run.
       When the service runs as root, the code runs as an unprivileged uid of
       its own (``uid_base + slot``; one slot per concurrent run), so it can
       neither read root's files nor share its process count with another run,
@@ -37,7 +42,9 @@ Why it is built this way
 
 - What is not contained: CPU time of a well-behaved-looking loop up to its
   limits, and, in the ``seccomp`` fallback as the service's own uid, files
-  that uid may read. Run the reward service as a dedicated user there.
+  that uid may read and processes of that uid it may signal (the service's, or
+  its own supervisor's: killed, it no longer holds the run's orphans). Run the
+  reward service as a dedicated user there, or better as root.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import logging
 import os
 import platform
 import queue
+import select
 import shutil
 import signal
 import stat
@@ -142,6 +150,32 @@ if cfg["mounts"]:
         if os.path.isdir(d):
             mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=0755")
     os.chdir("/tmp")
+
+# The code does not run as this process, which stays as its supervisor, for two reasons:
+# - In a new PID namespace this process is PID 1, and the kernel drops every signal
+#   PID 1 has no handler for: the CPU limit's SIGXCPU would not stop the code.
+# - As a child subreaper it inherits what the code orphans (a child that called
+#   setsid() and whose parent exited), so the service still finds all of a run's
+#   processes under the run's process and can kill them (Sandbox._kill).
+# It reports the code's wait status on status_fd (PID 1 could not pass a signal on by
+# dying of it) and reaps orphans until none is left or the service kills it. It
+# forks before the limits and uid change, so it neither uses the code's share of
+# them nor, under a uid of its own, can be signalled by the code. It has no seccomp
+# filter: non-dumpable, the code cannot ptrace it (or read its fds) where they share a uid.
+status_fd = cfg["status_fd"]
+check(libc.prctl(36, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
+check(libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")  # (the code's exec makes it dumpable again)
+code_pid = os.fork()
+if code_pid:
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == code_pid:
+            os.write(status_fd, b"%d" % status)
+            os.close(status_fd)
+os.close(status_fd)
 
 lim = cfg["limits"]
 resource.setrlimit(resource.RLIMIT_CPU, (lim["cpu"], lim["cpu"] + 1))
@@ -322,7 +356,7 @@ class Sandbox:
             _private_file(outer / "stdin").write(stdin.encode())
             nproc = limits.max_processes
             if uid is None:  # RLIMIT_NPROC counts every process and thread of our uid
-                nproc += len(os.listdir("/proc/self/task"))
+                nproc += len(os.listdir("/proc/self/task")) + 1  # + the run's supervisor
             cfg = {
                 "mounts": self.isolation == "namespaces",
                 "work": str(work),
@@ -348,22 +382,26 @@ class Sandbox:
                 _private_file(outer / "stdout") as fout,
                 _private_file(outer / "stderr") as ferr,
             ):
-                popen = subprocess.Popen(
-                    [*self._prefix, self.python, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)],
-                    cwd=work,
-                    env=env,
-                    stdin=fin,
-                    stdout=fout,
-                    stderr=ferr,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-                timed_out = False
-                try:
-                    returncode: int | None = popen.wait(limits.wall_seconds)
-                except subprocess.TimeoutExpired:
-                    timed_out, returncode = True, None
-                self._kill(popen, uid)
+                # The supervisor reports the code's wait status on this pipe (_BOOTSTRAP).
+                status_r, cfg["status_fd"] = os.pipe()
+                command = [*self._prefix, self.python, "-I", "-S", "-c", _BOOTSTRAP]
+                with open(status_r, "rb", buffering=0) as status:
+                    try:
+                        popen = subprocess.Popen(
+                            [*command, json.dumps(cfg)],
+                            cwd=work,
+                            env=env,
+                            stdin=fin,
+                            stdout=fout,
+                            stderr=ferr,
+                            start_new_session=True,
+                            close_fds=True,
+                            pass_fds=(cfg["status_fd"],),
+                        )
+                    finally:
+                        os.close(cfg["status_fd"])  # so `status` ends with the supervisor
+                    returncode, timed_out = _wait_status(popen, status, start + limits.wall_seconds)
+                    self._kill(popen, uid)
             elapsed = time.monotonic() - start
             return SandboxResult(
                 returncode=returncode,
@@ -376,7 +414,13 @@ class Sandbox:
             shutil.rmtree(outer, ignore_errors=True)
 
     def _kill(self, popen: subprocess.Popen, uid: int | None) -> None:
-        """Kills the run's process group, then (root, no PID namespace) every process of its uid."""
+        """Kills the run's processes: without a uid of its own and a PID namespace, every
+        descendant of its supervisor; then its process group; then (root, no PID
+        namespace) every process of its uid."""
+        if uid is None and self.isolation != "namespaces" and popen.returncode is None:
+            # A child that called setsid() left the process group, and the uid is ours,
+            # so neither finds it; but it is still in the supervisor's tree.
+            _kill_descendants(popen.pid)
         try:
             os.killpg(popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -398,6 +442,58 @@ class Sandbox:
                 check=False,
             )
         _reap(uid)
+
+
+def _wait_status(popen: subprocess.Popen, status, deadline: float) -> tuple[int | None, bool]:
+    """(returncode, timed_out) of the code: its wait status as its supervisor reports it
+    (the supervisor outlives it, so ``popen`` cannot tell), or the run's own exit status
+    when the supervisor ended without a report (the bootstrap failed)."""
+    poll = select.poll()  # (select() fails on descriptors above 1023)
+    poll.register(status, select.POLLIN)
+    if poll.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        try:  # (where the code shares our uid, it could write here too: no trust)
+            return os.waitstatus_to_exitcode(int(status.read(32))), False
+        except ValueError:  # no report (EOF) or not one the supervisor writes
+            pass
+    try:
+        return popen.wait(max(0.0, deadline - time.monotonic())), False
+    except subprocess.TimeoutExpired:
+        return None, True
+
+
+def _kill_descendants(root: int, *, within_s: float = 2.0) -> None:
+    """SIGKILLs every descendant of ``root`` (not ``root``) until none is left.
+
+    ``root`` is the run's supervisor, a child subreaper: what its tree orphans becomes
+    its child, so the tree stays whole while it lives. Processes forked between a scan
+    and its kills are found by the next scan (their parents died: they are the
+    supervisor's now); the supervisor reaps the dead.
+    """
+    end = time.monotonic() + within_s
+    while True:
+        children: dict[int, list[int]] = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat_line = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            state, ppid = stat_line.rsplit(")", 1)[1].split()[:2]
+            if state != "Z":  # a zombie is dead already, only not yet reaped
+                children.setdefault(int(ppid), []).append(int(pid))
+        found, todo = [], list(children.get(root, []))
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        if not found or time.monotonic() > end:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
 
 
 def _reap(uid: int, *, within_s: float = 2.0) -> None:

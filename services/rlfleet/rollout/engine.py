@@ -40,6 +40,11 @@ class SeqRequest:
     prefix_token_ids: list[int] = field(default_factory=list)
     prefix_logprobs: list[float] = field(default_factory=list)
     prefix_versions: list[int] = field(default_factory=list)
+    max_new_tokens: int = 0
+    """This sequence's completion limit, prefix included (0: the call's sampling's)."""
+
+    def limit(self, sampling: Sampling) -> int:
+        return self.max_new_tokens or sampling.max_new_tokens
 
 
 @dataclass
@@ -154,6 +159,11 @@ def validate_generate(seqs: Sequence[SeqRequest], sampling: Sampling, *, vocab_s
         seen.add(seq.seq_id)
         if not seq.prompt_token_ids:
             raise InvalidArgument(f"{where}.prompt_token_ids is empty (seq_id {seq.seq_id!r})")
+        if seq.max_new_tokens < 0:
+            raise InvalidArgument(
+                f"{where}.max_new_tokens must be >= 0 (0: sampling.max_new_tokens), "
+                f"got {seq.max_new_tokens}"
+            )
         for name in ("prompt_token_ids", "prefix_token_ids"):
             for tok in getattr(seq, name):
                 if not 0 <= tok < vocab_size:

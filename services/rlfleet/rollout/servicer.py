@@ -21,6 +21,7 @@ def to_seq_request(msg: rollout_pb2.SequenceRequest) -> SeqRequest:
         prefix_token_ids=list(msg.prefix_token_ids),
         prefix_logprobs=list(msg.prefix_logprobs),
         prefix_versions=list(msg.prefix_versions),
+        max_new_tokens=msg.max_new_tokens,
     )
 
 

@@ -318,7 +318,7 @@ class SimEngine(RolloutEngine):
     def _new_row(self, call: _Call, seq: SeqRequest) -> _Row:
         group, member = _group_and_member(seq.seq_id)
         length, capped = self.lengths.output_length(self.settings.seed, group, member)
-        limit = call.sampling.max_new_tokens
+        limit = seq.limit(call.sampling)
         target, reason = (length, FINISH_LENGTH if capped else FINISH_STOP)
         if limit <= target:
             target, reason = limit, FINISH_LENGTH

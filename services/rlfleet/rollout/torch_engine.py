@@ -363,7 +363,7 @@ class TorchEngine(RolloutEngine):
 
     def _new_row(self, call: GenerateCall, seq: SeqRequest) -> Row:
         sampling = call.sampling
-        limit = sampling.max_new_tokens
+        limit = seq.limit(sampling)
         if self._max_positions:
             limit = min(limit, self._max_positions - len(seq.prompt_token_ids))
         row = _row(call, seq, limit=limit)

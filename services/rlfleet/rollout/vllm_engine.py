@@ -347,7 +347,7 @@ class VllmEngine(RolloutEngine):
                     list(seq.prefix_logprobs),
                     list(seq.prefix_versions),
                 )
-                limit = min(sampling.max_new_tokens, info.max_model_len - len(seq.prompt_token_ids))
+                limit = min(seq.limit(sampling), info.max_model_len - len(seq.prompt_token_ids))
                 if item.tokens and item.tokens[-1] in info.eos:
                     self._emit(item, finished=True, reason=FINISH_STOP)
                     continue

@@ -11,6 +11,8 @@ the scheduler otherwise tokenises with ``tokenizers`` alone.
 from __future__ import annotations
 
 import functools
+import json
+from typing import Any
 
 from rlfleet.common.errors import InvalidArgument
 
@@ -39,13 +41,40 @@ def chat_messages(prompt: str | list[dict[str, str]], system_prompt: str) -> lis
     return turns
 
 
+def chat_tools(value: Any) -> list[dict] | None:
+    """A dataset row's ``tools`` (JSON tool schemas for the template's ``tools=``): a list
+    of objects, or a JSON string of one (a dataset file may hold either); None if none."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(
+                f"task.dataset: a row's 'tools' is a string but not JSON ({exc.msg})"
+            ) from None
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise InvalidArgument(
+            "task.dataset: a row's 'tools' must be a list of JSON tool schemas (objects), "
+            f"not {type(value).__name__} {str(value)[:60]!r}"
+        )
+    return value or None  # an empty list renders as no tools, as in an episode
+
+
 def chat_prompt_ids(
-    model_path: str, user_text: str | list[dict[str, str]], system_prompt: str = ""
+    model_path: str,
+    user_text: str | list[dict[str, str]],
+    system_prompt: str = "",
+    tools: list[dict] | None = None,
 ) -> list[int]:
-    """Token ids of the conversation [system?, user] with the assistant's turn opened."""
+    """Token ids of the conversation [system?, user] with the assistant's turn opened
+    (and ``tools`` for the template, as an episode's prompt has them)."""
     tokenizer = _chat_tokenizer(model_path)
     encoded = tokenizer.apply_chat_template(
-        chat_messages(user_text, system_prompt), add_generation_prompt=True, tokenize=True
+        chat_messages(user_text, system_prompt),
+        tools=tools or None,
+        add_generation_prompt=True,
+        tokenize=True,
     )
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(i) for i in ids]
@@ -77,19 +106,22 @@ def chat_transcript_ids(
     prompt: list[dict[str, str]],
     transcript: list[dict[str, str]],
     system_prompt: str = "",
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[bool]]:
     """SFT on an agent's demonstration: the tokens the chat template renders for
     ``transcript`` after the prompt, and per token whether it is learned. Assistant turns
     (content and end of turn) are; the tool results, user turns and the headers that open
     each assistant turn are not, exactly as a multi-turn episode masks the environment's
     tokens (``scheduler/episodes.py``). Each piece is the text the template adds for it,
-    tokenised on its own, as an episode's pieces are."""
+    tokenised on its own, as an episode's pieces are. Every rendering gets ``tools`` (the
+    row's tool schemas), as the episode's prompt does, and messages keep their other keys
+    (a tool result's ``name``), as the episode's replies do."""
     tokenizer = _chat_tokenizer(model_path)
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
     history = chat_messages(prompt, system_prompt)
 
     def render(messages, opened: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                              add_generation_prompt=opened)  # fmt: skip
 
     ids: list[int] = []

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from typing import Any
 
 from rlfleet.common.errors import InvalidArgument, NotFound, RlfleetError
 from rlfleet.common.tasks import entry_to_json
+from rlfleet.scheduler.c3po.pool import ENV_VERSION
 from rlfleet.scheduler.clients import ServiceClients
 from rlfleet.scheduler.samples import TextCodec, group_id, sample_id
 from rlfleet.scheduler.strategy import (
@@ -54,7 +56,6 @@ from rlfleet.v1 import common_pb2, env_pb2, rollout_pb2
 
 logger = logging.getLogger(__name__)
 
-ENV_VERSION = -1  # token_versions of the environment's tokens: no policy produced them
 RESTARTS = 3  # times a step's episodes are played again after the env service lost them
 
 
@@ -139,6 +140,120 @@ def _renderer(model_path: str, codec: TextCodec) -> ChatRenderer:
     return ChatRenderer(model_path, codec)
 
 
+def model_context(model_path: str) -> int | None:
+    """The model's position limit (``max_position_embeddings`` in its config.json), if it
+    says; an episode must fit in it with its prompt, or the replicas refuse the prefix."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        for scope in (config, config.get("text_config") or {}):
+            if isinstance(scope.get(key), int) and scope[key] > 0:
+                return int(scope[key])
+    return None
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """What the environment made of a model turn."""
+
+    done: bool
+    finish: str
+    """``stop``: the environment ended the episode; ``length``: out of turns or tokens;
+    ``""`` while it goes on."""
+    env_ids: list[int]
+    """The reply's tokens to append (masked) when the episode goes on."""
+    reward: float
+    tool_calls: int
+
+
+class EnvTurns:
+    """The env-service side of a job's episodes, for every rollout strategy: Reset (the
+    prompt tokens), Step after each model turn (what comes next), Close."""
+
+    def __init__(self, ctx: StepContext, clients: ServiceClients, *, timeout_s: float = 120.0):
+        self.ctx = ctx
+        self.env = ctx.spec.task.environment
+        self.clients = clients
+        self.timeout_s = timeout_s
+        self.renderer = _renderer(ctx.spec.model.path, ctx.codec)
+        self.cap_turn = ctx.spec.sampling.max_new_tokens
+        self._context = model_context(ctx.spec.model.path)
+
+    def call(self, what: str, method: str, request):
+        return self.clients.env_call(what, method, request, timeout=self.timeout_s)
+
+    def reset(self, episode_id: str, task_json: str, what: str) -> list[int]:
+        """Starts ``episode_id`` from a prompt row; returns its prompt tokens."""
+        obs = self.call(f"Reset({what})", "Reset", env_pb2.ResetRequest(
+            episode_id=episode_id, env_name=self.env.name, row_json=task_json,
+            options_json=json.dumps(self.env.options)))  # fmt: skip
+        tools = json.loads(obs.tools_json) if obs.tools_json else None
+        return self.renderer.prompt_ids([_message(m) for m in obs.messages], tools)
+
+    def cap_total(self, prompt_len: int) -> int:
+        """The tokens an episode's completion may hold: ``max_total_tokens``, and what the
+        model's context leaves after the prompt."""
+        cap = self.env.max_total_tokens or 2**31 - 1
+        if self._context is not None:
+            cap = min(cap, self._context - prompt_len)
+        if cap < 1:
+            raise InvalidArgument(
+                f"an episode's prompt holds {prompt_len} tokens, as many as the model's "
+                f"context ({self._context}): no room for a model turn"
+            )
+        return cap
+
+    def turn_limit(self, turn_start: int, prompt_len: int) -> int:
+        """The completion limit (prefix included) of a turn that began at ``turn_start``."""
+        return min(self.cap_total(prompt_len), turn_start + self.cap_turn)
+
+    def after_turn(self, episode_id: str, turn: int, turn_ids: list[int], *, length: int,
+                   prompt_len: int, what: str) -> TurnOutcome:  # fmt: skip
+        """Sends model turn ``turn`` (its tokens ``turn_ids``; the completion now holds
+        ``length`` tokens) to the environment; raises NotFound when the env service no
+        longer holds the episode (restarted, expired)."""
+        codec = self.ctx.codec
+        reply = self.call(f"Step({what}, turn {turn})", "Step", env_pb2.StepRequest(
+            episode_id=episode_id, turn=turn, model_text=codec.completion_text(turn_ids)))  # fmt: skip
+        info = json.loads(reply.info_json or "{}")
+        calls = int(info.get("tool_calls", 0) or 0)
+        reward = reply.reward_so_far
+        if reply.done:
+            return TurnOutcome(True, "stop", [], reward, calls)
+        if turn + 1 >= self.env.max_turns:
+            return TurnOutcome(True, "length", [], reward, calls)  # out of turns
+        env_ids = self.renderer.reply_ids([_message(m) for m in reply.messages])
+        if not any(t in codec.eos_ids for t in turn_ids):
+            # Cut off at its cap: the template's end of turn closes it, as the env's token.
+            env_ids = [min(codec.eos_ids), *env_ids]
+        if length + len(env_ids) >= self.cap_total(prompt_len):
+            return TurnOutcome(True, "length", [], reward, calls)  # no room for another turn
+        return TurnOutcome(False, "", env_ids, reward, calls)
+
+    def close(self, episode_ids: list[str]) -> None:
+        for episode_id in episode_ids:
+            with contextlib.suppress(RlfleetError):  # a lost episode needs no closing
+                self.call("Close", "Close", env_pb2.CloseRequest(episode_id=episode_id))
+
+
+def episode_metrics(episodes: list[tuple[int, int, str, list[int]]]) -> dict[str, float]:
+    """Step-record keys of the trained episodes, each as (turns, tool calls, finish
+    reason, token versions of its completion)."""
+    n = max(1, len(episodes))
+    model = sum(sum(v != ENV_VERSION for v in vs) for *_, vs in episodes)
+    tokens = sum(len(vs) for *_, vs in episodes)
+    return {
+        "env_turns_mean": sum(e[0] for e in episodes) / n,
+        "env_tool_calls_per_episode": sum(e[1] for e in episodes) / n,
+        "env_tool_call_rate": sum(e[1] > 0 for e in episodes) / n,
+        "env_truncated_frac": sum(e[2] != "stop" for e in episodes) / n,
+        "env_token_frac": 1.0 - model / max(1, tokens),
+    }
+
+
 class EpisodeStrategy(RolloutStrategy):
     """Step s plays the episodes of prompts s·P .. s·P + P − 1, G each, to their ends
     under version s (sync mode: every turn of the step samples with the same version)."""
@@ -162,105 +277,61 @@ class EpisodeStrategy(RolloutStrategy):
         raise AssertionError("unreachable")
 
     def _play(self, ctx: StepContext) -> RolloutResult:
-        spec, env = ctx.spec, ctx.spec.task.environment
-        algo, renderer = spec.algorithm, _renderer(spec.model.path, ctx.codec)
-        cap_turn = spec.sampling.max_new_tokens
-        cap_total = env.max_total_tokens or 2**31 - 1
+        algo, env = ctx.spec.algorithm, EnvTurns(ctx, self.clients, timeout_s=self.env_timeout_s)
         nonce = uuid.uuid4().hex[:8]  # fresh episodes per attempt (see the module docstring)
-        episodes = [
-            self._reset(ctx, renderer, serial, member, nonce)
-            for serial in range(ctx.step * algo.prompts_per_step,
-                                (ctx.step + 1) * algo.prompts_per_step)
-            for member in range(algo.group_size)
-        ]  # fmt: skip
+        episodes = []
+        for serial in range(ctx.step * algo.prompts_per_step,
+                            (ctx.step + 1) * algo.prompts_per_step):  # fmt: skip
+            task_json = entry_to_json(ctx.prompts.get(serial)[1])
+            for member in range(algo.group_size):
+                sid = sample_id(serial, member)
+                episode_id = f"{ctx.job_id}/{sid}/{nonce}"
+                prompt = env.reset(episode_id, task_json, sid)
+                episodes.append(Episode(episode_id, sid, group_id(serial), task_json, prompt))
         start = time.perf_counter()
         try:
-            for turn in range(env.max_turns):
+            for turn in range(env.env.max_turns):
                 active = [e for e in episodes if not e.done]
                 if not active:
                     break
-                self._turn(ctx, renderer, active, turn, cap_turn=cap_turn, cap_total=cap_total,
-                           last=turn == env.max_turns - 1)  # fmt: skip
+                self._turn(ctx, env, active, turn)
         finally:
-            for e in episodes:
-                with contextlib.suppress(RlfleetError):  # a lost episode needs no closing
-                    self._env("Close", "Close", env_pb2.CloseRequest(episode_id=e.episode_id))
+            env.close([e.episode_id for e in episodes])
         elapsed = time.perf_counter() - start
         samples = [self._sample(ctx, e) for e in episodes]
         out = rollout_metrics(samples, ctx)
+        out.update(episode_metrics([(e.turns, e.tool_calls, e.finish, e.versions)
+                                    for e in episodes]))  # fmt: skip
         model_tokens = sum(sum(e.mask) for e in episodes)
-        out.update({
-            "env_turns_mean": sum(e.turns for e in episodes) / len(episodes),
-            "env_tool_calls_per_episode": sum(e.tool_calls for e in episodes) / len(episodes),
-            "env_tool_call_rate": sum(e.tool_calls > 0 for e in episodes) / len(episodes),
-            "env_truncated_frac": sum(e.finish != "stop" for e in episodes) / len(episodes),
-            "env_token_frac": 1.0 - model_tokens / max(1, sum(len(e.tokens) for e in episodes)),
-            "rollout_tokens_per_second": model_tokens / elapsed if elapsed > 0 else 0.0,
-        })  # fmt: skip
+        out["rollout_tokens_per_second"] = model_tokens / elapsed if elapsed > 0 else 0.0
         return RolloutResult(samples, out)
 
-    # -- the env service --------------------------------------------------------------
-    def _env(self, what: str, method: str, request):
-        return self.clients.env_call(what, method, request, timeout=self.env_timeout_s)
-
-    def _reset(self, ctx: StepContext, renderer: ChatRenderer, serial: int, member: int,
-               nonce: str) -> Episode:  # fmt: skip
-        env = ctx.spec.task.environment
-        _, entry = ctx.prompts.get(serial)
-        sid = sample_id(serial, member)
-        episode_id = f"{ctx.job_id}/{sid}/{nonce}"
-        task_json = entry_to_json(entry)
-        obs = self._env(f"Reset({sid})", "Reset", env_pb2.ResetRequest(
-            episode_id=episode_id, env_name=env.name, row_json=task_json,
-            options_json=json.dumps(env.options)))  # fmt: skip
-        tools = json.loads(obs.tools_json) if obs.tools_json else None
-        prompt = renderer.prompt_ids([_message(m) for m in obs.messages], tools)
-        return Episode(episode_id, sid, group_id(serial), task_json, prompt)
-
     # -- one turn of every active episode ---------------------------------------------
-    def _turn(self, ctx: StepContext, renderer: ChatRenderer, active: list[Episode], turn: int,
-              *, cap_turn: int, cap_total: int, last: bool) -> None:  # fmt: skip
-        # The engines count max_new_tokens from the prompt, prefix included: the longest
-        # prefix plus one turn; each episode keeps at most its own cap of the new tokens.
+    def _turn(self, ctx: StepContext, env: EnvTurns, active: list[Episode], turn: int) -> None:
         sampling = sampling_params(ctx.spec, ctx.step * 64 + turn)
-        longest = max(len(e.tokens) for e in active)
-        sampling.max_new_tokens = min(cap_total, longest + cap_turn)
         by_group: dict[str, list[rollout_pb2.SequenceRequest]] = {}
         for e in active:
             by_group.setdefault(e.group, []).append(rollout_pb2.SequenceRequest(
                 seq_id=e.seq_id, prompt_token_ids=e.prompt_ids, prefix_token_ids=e.tokens,
-                prefix_logprobs=e.logprobs, prefix_versions=e.versions))  # fmt: skip
+                prefix_logprobs=e.logprobs, prefix_versions=e.versions,
+                max_new_tokens=env.turn_limit(len(e.tokens), len(e.prompt_ids))))  # fmt: skip
         results = self.pool.generate(list(by_group.values()), sampling, job_id=ctx.job_id,
                                      version=ctx.version, stop=ctx.stop,
                                      limit=ctx.spec.resources.rollout_replicas)  # fmt: skip
         for e in active:
-            result = results[e.seq_id]
-            room = min(cap_turn, cap_total - len(e.tokens))
-            new = list(result.token_ids[len(e.tokens) :])[:room]
-            n = len(new)
-            e.add(new, list(result.logprobs[len(e.tokens) :])[:n],
-                  list(result.versions[len(e.tokens) :])[:n], model=True)  # fmt: skip
+            result, n0 = results[e.seq_id], len(e.tokens)
+            new = list(result.token_ids[n0:])
+            e.add(new, list(result.logprobs[n0:]), list(result.versions[n0:]), model=True)
             e.turns += 1
-            ended_turn = any(t in ctx.codec.eos_ids for t in new)
-            reply = self._env(f"Step({e.seq_id}, turn {turn})", "Step", env_pb2.StepRequest(
-                episode_id=e.episode_id, turn=turn,
-                model_text=ctx.codec.completion_text(new)))  # fmt: skip
-            info = json.loads(reply.info_json or "{}")
-            e.tool_calls += int(info.get("tool_calls", 0) or 0)
-            e.reward = reply.reward_so_far
-            if reply.done:
-                e.done, e.finish = True, "stop"
-            elif last:
-                e.done, e.finish = True, "length"  # out of turns
+            outcome = env.after_turn(e.episode_id, turn, new, length=len(e.tokens),
+                                     prompt_len=len(e.prompt_ids), what=e.seq_id)  # fmt: skip
+            e.tool_calls += outcome.tool_calls
+            e.reward = outcome.reward
+            if outcome.done:
+                e.done, e.finish = True, outcome.finish
             else:
-                env_ids = renderer.reply_ids([_message(m) for m in reply.messages])
-                if not ended_turn:  # cut off at its cap: the template's end of turn closes it
-                    env_ids = [min(ctx.codec.eos_ids), *env_ids]
-                if len(e.tokens) + len(env_ids) >= cap_total:
-                    e.done, e.finish = True, "length"
-                else:
-                    e.add(env_ids, [0.0] * len(env_ids), [ENV_VERSION] * len(env_ids),
-                          model=False)  # fmt: skip
+                n = len(outcome.env_ids)
+                e.add(outcome.env_ids, [0.0] * n, [ENV_VERSION] * n, model=False)
 
     def _sample(self, ctx: StepContext, e: Episode) -> common_pb2.Sample:
         return common_pb2.Sample(

@@ -33,11 +33,16 @@ class SftStrategy(RolloutStrategy):
         for serial in range(ctx.step * per_step, (ctx.step + 1) * per_step):
             text, entry = ctx.prompts.get(serial)
             mask: list[bool] = []
+            prompt_ids = None
             if "transcript" in entry:  # an agent's demonstration: every assistant turn
-                from rlfleet.scheduler.chat import chat_transcript_ids
+                from rlfleet.scheduler.chat import chat_prompt_ids, chat_tools, chat_transcript_ids
 
-                target, mask = chat_transcript_ids(ctx.spec.model.path, text, entry["transcript"],
-                                                   ctx.spec.task.system_prompt)  # fmt: skip
+                # The row's tool schemas go to the template, prompt and transcript alike, as
+                # an episode's prompt has its environment's.
+                tools = chat_tools(entry.get("tools"))
+                model, system = ctx.spec.model.path, ctx.spec.task.system_prompt
+                target, mask = chat_transcript_ids(model, text, entry["transcript"], system, tools)
+                prompt_ids = chat_prompt_ids(model, text, system, tools)
                 target, mask = target[:limit], mask[:limit]
                 completion = "".join(m["content"] for m in entry["transcript"])
             else:
@@ -52,7 +57,7 @@ class SftStrategy(RolloutStrategy):
                     sample_id=sample_id(serial, 0),
                     group_id=group_id(serial),
                     step=ctx.step,
-                    prompt_token_ids=ctx.codec.prompt_ids(text, ctx.spec.task),
+                    prompt_token_ids=prompt_ids or ctx.codec.prompt_ids(text, ctx.spec.task),
                     completion_token_ids=target,
                     # Demonstrations were not sampled: no inference log-probs to correct.
                     inference_logprobs=[0.0] * len(target),

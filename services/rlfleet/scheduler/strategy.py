@@ -161,15 +161,16 @@ def setup_strategy(
         from rlfleet.scheduler.sft import SftStrategy
 
         return SftStrategy(pool)
-    if episodes:  # task.environment: multi-turn episodes with the env service
-        from rlfleet.scheduler.episodes import EpisodeStrategy
-
-        return EpisodeStrategy(pool, clients)
     if mode == "c3po":
         if redis_client is None:
             raise ValueError("C3PO++ (scheduling.mode 'c3po') keeps its rollout pool in Redis")
         from rlfleet.scheduler.c3po.store import C3poStore
         from rlfleet.scheduler.c3po.strategy import C3poStrategy
 
-        return C3poStrategy(pool, store=C3poStore(redis_client, prefix=prefix))
+        # Episodes too: C3PO++ across turns (c3po/episodes.py).
+        return C3poStrategy(pool, store=C3poStore(redis_client, prefix=prefix), clients=clients)
+    if episodes:  # task.environment: multi-turn episodes with the env service
+        from rlfleet.scheduler.episodes import EpisodeStrategy
+
+        return EpisodeStrategy(pool, clients)
     return SyncStrategy(pool)

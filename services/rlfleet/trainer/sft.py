@@ -2,7 +2,8 @@
 
     L(θ) = −(1 / N) Σ_i Σ_t log π_θ(y_i,t | x_i, y_i,<t)
 
-over the step's completion tokens only (N of them; prompt tokens carry no loss), one
+over the step's learned completion tokens only (N of them; prompt tokens and a
+transcript's masked tokens carry no loss), one
 AdamW step per TrainStep, gradients accumulated exactly over token-sorted micro-batches
 as in the GRPO step. Log-probs are taken at temperature 1: the target distribution is
 the model's own, not the sampler's.
@@ -39,9 +40,11 @@ def sft_update(
     lr = learning_rate(alg, update=step, total_updates=spec.steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    tokens = sum(len(s.completion_ids) for s in samples)
+    # N counts the learned tokens: a transcript's tool results and user turns are in
+    # the sequence (loss_mask false) but carry no loss, so they do not dilute it.
+    tokens = sum(sum(s.loss_mask) if s.loss_mask else len(s.completion_ids) for s in samples)
     if tokens == 0:
-        raise ValueError("the step's demonstrations have no completion tokens")
+        raise ValueError("the step's demonstrations have no completion tokens to learn")
     zeros = torch.zeros(len(samples))
     optimizer.zero_grad(set_to_none=True)
     nll = 0.0

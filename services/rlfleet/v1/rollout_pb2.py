@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlfleet.v1 import common_pb2 as rlfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlfleet/v1/rollout.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"e\n\x16JoinWeightGroupRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x05group\x18\x02 \x01(\x0b\x32\x1e.rlfleet.v1.WeightGroupAddress\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\x19\n\x17JoinWeightGroupResponse\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x11\n\tresume_kv\x18\x05 \x01(\x08\"\x87\x01\n\x0fSequenceRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10prefix_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0fprefix_logprobs\x18\x04 \x03(\x02\x12\x17\n\x0fprefix_versions\x18\x05 \x03(\x03\"o\n\x0fGenerateRequest\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.rlfleet.v1.SequenceRequest\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.rlfleet.v1.SamplingParams\"\x80\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x10\n\x08versions\x18\x04 \x03(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x0e\n\x0c\x41\x62ortRequest\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05\"e\n\x12LoadVersionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x1a\n\x12weightsync_address\x18\x04 \x01(\t\"I\n\x13LoadVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03via\x18\x03 \x01(\t\"\x16\n\x14RolloutStatusRequest\"\x83\x01\n\rRolloutStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x19\n\x11running_sequences\x18\x04 \x01(\x05\x12\x12\n\nmodel_path\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t2\x8b\x03\n\x0eRolloutService\x12\x45\n\x08Generate\x12\x1b.rlfleet.v1.GenerateRequest\x1a\x1a.rlfleet.v1.SequenceResult0\x01\x12<\n\x05\x41\x62ort\x12\x18.rlfleet.v1.AbortRequest\x1a\x19.rlfleet.v1.AbortResponse\x12N\n\x0bLoadVersion\x12\x1e.rlfleet.v1.LoadVersionRequest\x1a\x1f.rlfleet.v1.LoadVersionResponse\x12H\n\tGetStatus\x12 .rlfleet.v1.RolloutStatusRequest\x1a\x19.rlfleet.v1.RolloutStatus\x12Z\n\x0fJoinWeightGroup\x12\".rlfleet.v1.JoinWeightGroupRequest\x1a#.rlfleet.v1.JoinWeightGroupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlfleet/v1/rollout.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"e\n\x16JoinWeightGroupRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x05group\x18\x02 \x01(\x0b\x32\x1e.rlfleet.v1.WeightGroupAddress\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\x19\n\x17JoinWeightGroupResponse\"m\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x11\n\tresume_kv\x18\x05 \x01(\x08\"\x9f\x01\n\x0fSequenceRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10prefix_token_ids\x18\x03 \x03(\x05\x12\x17\n\x0fprefix_logprobs\x18\x04 \x03(\x02\x12\x17\n\x0fprefix_versions\x18\x05 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\"o\n\x0fGenerateRequest\x12.\n\tsequences\x18\x01 \x03(\x0b\x32\x1b.rlfleet.v1.SequenceRequest\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.rlfleet.v1.SamplingParams\"\x80\x01\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x10\n\x08versions\x18\x04 \x03(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\"\x0e\n\x0c\x41\x62ortRequest\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x05\"e\n\x12LoadVersionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x1a\n\x12weightsync_address\x18\x04 \x01(\t\"I\n\x13LoadVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\x12\x0b\n\x03via\x18\x03 \x01(\t\"\x16\n\x14RolloutStatusRequest\"\x83\x01\n\rRolloutStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x19\n\x11running_sequences\x18\x04 \x01(\x05\x12\x12\n\nmodel_path\x18\x05 \x01(\t\x12\x0e\n\x06job_id\x18\x06 \x01(\t2\x8b\x03\n\x0eRolloutService\x12\x45\n\x08Generate\x12\x1b.rlfleet.v1.GenerateRequest\x1a\x1a.rlfleet.v1.SequenceResult0\x01\x12<\n\x05\x41\x62ort\x12\x18.rlfleet.v1.AbortRequest\x1a\x19.rlfleet.v1.AbortResponse\x12N\n\x0bLoadVersion\x12\x1e.rlfleet.v1.LoadVersionRequest\x1a\x1f.rlfleet.v1.LoadVersionResponse\x12H\n\tGetStatus\x12 .rlfleet.v1.RolloutStatusRequest\x1a\x19.rlfleet.v1.RolloutStatus\x12Z\n\x0fJoinWeightGroup\x12\".rlfleet.v1.JoinWeightGroupRequest\x1a#.rlfleet.v1.JoinWeightGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=195
   _globals['_SAMPLINGPARAMS']._serialized_end=304
   _globals['_SEQUENCEREQUEST']._serialized_start=307
-  _globals['_SEQUENCEREQUEST']._serialized_end=442
-  _globals['_GENERATEREQUEST']._serialized_start=444
-  _globals['_GENERATEREQUEST']._serialized_end=555
-  _globals['_SEQUENCERESULT']._serialized_start=558
-  _globals['_SEQUENCERESULT']._serialized_end=686
-  _globals['_ABORTREQUEST']._serialized_start=688
-  _globals['_ABORTREQUEST']._serialized_end=702
-  _globals['_ABORTRESPONSE']._serialized_start=704
-  _globals['_ABORTRESPONSE']._serialized_end=736
-  _globals['_LOADVERSIONREQUEST']._serialized_start=738
-  _globals['_LOADVERSIONREQUEST']._serialized_end=839
-  _globals['_LOADVERSIONRESPONSE']._serialized_start=841
-  _globals['_LOADVERSIONRESPONSE']._serialized_end=914
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=916
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=938
-  _globals['_ROLLOUTSTATUS']._serialized_start=941
-  _globals['_ROLLOUTSTATUS']._serialized_end=1072
-  _globals['_ROLLOUTSERVICE']._serialized_start=1075
-  _globals['_ROLLOUTSERVICE']._serialized_end=1470
+  _globals['_SEQUENCEREQUEST']._serialized_end=466
+  _globals['_GENERATEREQUEST']._serialized_start=468
+  _globals['_GENERATEREQUEST']._serialized_end=579
+  _globals['_SEQUENCERESULT']._serialized_start=582
+  _globals['_SEQUENCERESULT']._serialized_end=710
+  _globals['_ABORTREQUEST']._serialized_start=712
+  _globals['_ABORTREQUEST']._serialized_end=726
+  _globals['_ABORTRESPONSE']._serialized_start=728
+  _globals['_ABORTRESPONSE']._serialized_end=760
+  _globals['_LOADVERSIONREQUEST']._serialized_start=762
+  _globals['_LOADVERSIONREQUEST']._serialized_end=863
+  _globals['_LOADVERSIONRESPONSE']._serialized_start=865
+  _globals['_LOADVERSIONRESPONSE']._serialized_end=938
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=940
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=962
+  _globals['_ROLLOUTSTATUS']._serialized_start=965
+  _globals['_ROLLOUTSTATUS']._serialized_end=1096
+  _globals['_ROLLOUTSERVICE']._serialized_start=1099
+  _globals['_ROLLOUTSERVICE']._serialized_end=1494
 # @@protoc_insertion_point(module_scope)

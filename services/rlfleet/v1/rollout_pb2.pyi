@@ -36,18 +36,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., resume_kv: _Optional[bool] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
-    __slots__ = ("seq_id", "prompt_token_ids", "prefix_token_ids", "prefix_logprobs", "prefix_versions")
+    __slots__ = ("seq_id", "prompt_token_ids", "prefix_token_ids", "prefix_logprobs", "prefix_versions", "max_new_tokens")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_logprobs: _containers.RepeatedScalarFieldContainer[float]
     prefix_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prefix_logprobs: _Optional[_Iterable[float]] = ..., prefix_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_new_tokens: int
+    def __init__(self, seq_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., prefix_logprobs: _Optional[_Iterable[float]] = ..., prefix_versions: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("sequences", "sampling")

@@ -141,3 +141,20 @@ def test_bad_dataset_specs_are_refused_with_the_field_named(
         _submit(tiny_model_dir, block, **extra)
     assert message in err.value.message
     assert err.value.message.startswith("invalid job spec: ")
+
+
+def test_a_transcripts_tool_message_keeps_its_name(tmp_path):
+    """A tool result's ``name`` reaches the chat template, as an episode's does."""
+    row = {"messages": [
+        {"role": "user", "content": "What is 2 * 21?"},
+        {"role": "assistant", "content": "<tool_call>...</tool_call>"},
+        {"role": "tool", "name": "calculator", "content": "42"},
+        {"role": "assistant", "content": "42"},
+    ]}  # fmt: skip
+    path = tmp_path / "transcripts.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    spec = TaskSpec.model_validate({"kind": "dataset", "prompt_format": "chat",
+                                    "dataset": {"path": str(path), "messages_column": "messages"}})  # fmt: skip
+    [(_, entry)] = prompts_of(spec)
+    assert entry["transcript"][1] == {"role": "tool", "name": "calculator", "content": "42"}
+    assert "name" not in entry["transcript"][0]

@@ -8,8 +8,10 @@ container without CAP_SYS_ADMIN would use is tested too.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,56 @@ def test_infinite_loop_is_stopped(sandbox):
     result = sandbox.run("while True:\n    pass\n", limits=LIMITS)
     assert not result.ok
     assert result.timed_out or result.returncode != 0
+
+
+def test_a_busy_loop_ends_on_the_soft_cpu_limit_in_every_layer(sandbox):
+    # In a PID namespace the code must not be PID 1, which ignores SIGXCPU: it would
+    # run on to the hard limit (SIGKILL, reported by unshare as exit 1).
+    result = sandbox.run("while True:\n    pass\n", limits=LIMITS)
+    assert (result.returncode, result.timed_out, result.stderr) == (-signal.SIGXCPU, False, "")
+
+
+def test_exit_status_and_signals_come_back_as_they_were(sandbox):
+    assert sandbox.run("raise SystemExit(3)", limits=LIMITS).returncode == 3
+    result = sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n",
+                         limits=LIMITS)  # fmt: skip
+    assert result.returncode == -signal.SIGTERM
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not reaped
+
+
+@pytest.mark.parametrize("layer", ["seccomp", "rlimits"])
+def test_a_child_that_leaves_the_session_is_killed_after_the_run(layer):
+    # As a service that is not root (no uid of the run's own to sweep by; a PID
+    # namespace would kill it with the rest, and the pid printed would be its own).
+    box = Sandbox(SandboxSettings(isolation=layer, slots=1))
+    box.is_root = False
+    code = (
+        "import os, time\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    os.setsid()\n"  # out of the run's process group and session
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+    )
+    result = box.run(code, limits=LIMITS)
+    assert result.ok, result.stderr
+    pid = int(result.stdout)
+    try:
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the setsid() child outlived its run"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_sleeping_forever_hits_the_wall_deadline(sandbox):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import redis
 from rlfleet.rollout.sim_engine import LengthModel
 from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
-from rlfleet.scheduler.c3po.pool import Group, InferencePool, Rollout
+from rlfleet.scheduler.c3po.pool import ENV_VERSION, EpisodeState, Group, InferencePool, Rollout
 from rlfleet.scheduler.c3po.sim import SimFleet, SimGroupSource
 from rlfleet.scheduler.c3po.store import C3poStore, decode_group, encode_group
 
@@ -40,6 +40,23 @@ def _group(serial: int) -> Group:
             ),
         ],
     )
+
+
+def test_an_episodes_state_round_trips_and_its_environment_tokens_count_nowhere():
+    """A multi-turn episode: the model's 2 tokens, the environment's 3, the model's 1."""
+    member = Rollout(
+        seq_id="g1-0", member=0, length=6, spans=[[4, 2], [ENV_VERSION, 3], [5, 1]],
+        token_ids=[9, 2, 30, 31, 32, 11], logprobs=[-0.5, -0.25, 0.0, 0.0, 0.0, -1.0],
+        episode=EpisodeState("job/g1-0/abc", turns=1, turn_start=5, reward=0.5,
+                             tool_calls=2, restarts=1),
+    )  # fmt: skip
+    group = Group(serial=1, prompt_len=1, prompt_ids=[5], members=[member], entered_step=0)
+    assert group.tokens == 3  # the budget C counts the model's tokens only
+    assert group.oldest_version() == 4  # the environment's -1 is no version
+    [back] = decode_group(encode_group(group)).members
+    assert back.episode == member.episode and back.spans == member.spans
+    assert _group(2).members[0].episode is None
+    assert decode_group(encode_group(_group(2))).members[0].episode is None
 
 
 def test_group_encoding_round_trips():

@@ -4,6 +4,7 @@ accumulated exactly over micro-batches, and a step that lowers it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from rlfleet.common.jobspec import JobSpec
@@ -30,7 +31,8 @@ def _spec(**algorithm) -> JobSpec:
 
 
 def _reference_nll(model, samples) -> float:
-    """−(1/N) Σ log p(completion token) with prompt positions ignored, one sample at a time."""
+    """−(1/N) Σ log p(learned completion token) with prompt positions and masked tokens
+    ignored, one sample at a time."""
     total, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
@@ -38,8 +40,12 @@ def _reference_nll(model, samples) -> float:
             logits = model(input_ids=ids).logits[0, :-1]
             targets = ids[0, 1:].clone()
             targets[: len(s.prompt_ids) - 1] = -100  # prompt tokens carry no loss
+            mask = s.loss_mask or (True,) * len(s.completion_ids)
+            for i, learned in enumerate(mask):
+                if not learned:  # a transcript's tool result: in the sequence, no loss
+                    targets[len(s.prompt_ids) - 1 + i] = -100
             total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            count += len(s.completion_ids)
+            count += sum(mask)
     return total / count
 
 
@@ -58,6 +64,22 @@ def test_sft_loss_is_the_completion_token_mean_nll_whatever_the_micro_batches(mo
         m.zero_grad()
         grads.append(out["grad_norm"])
     assert max(grads) - min(grads) < 1e-4
+
+
+def test_masked_transcript_tokens_neither_carry_loss_nor_count_in_n(model):
+    """A tool transcript: the tool's tokens are in the sequence but not learned; the loss
+    is the mean over the learned tokens only (dividing by all tokens would shrink it)."""
+    samples = [
+        dataclasses.replace(s, loss_mask=tuple(i % 3 != 1 for i in range(len(s.completion_ids))))
+        for s in _samples()
+    ]
+    m = copy.deepcopy(model)
+    out = sft_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples,
+                     spec=_spec(micro_batch_size=4), step=0, device=torch.device("cpu"), pad_id=0)  # fmt: skip
+    assert out["tokens"] == sum(sum(s.loss_mask) for s in samples) < sum(
+        len(s.completion_ids) for s in samples
+    )
+    assert abs(out["sft_loss"] - _reference_nll(model, samples)) < 1e-5
 
 
 def test_sft_steps_lower_the_loss(model):

@@ -55,7 +55,16 @@ class Lost:
     reason: str
 
 
-Event = Progress | Lost
+@dataclass
+class Continued:
+    """A multi-turn episode's model turn ended and the environment answered: the member
+    goes on from ``progress`` (unfinished: the turn and the reply's tokens) and is
+    dispatched again; at a stop it stays in P, carried over between turns."""
+
+    progress: Progress
+
+
+Event = Progress | Lost | Continued
 
 
 class RolloutBackend(abc.ABC):
@@ -356,6 +365,13 @@ class IterationDriver:
         for event in events:
             if isinstance(event, Lost):
                 retry += self._lost_units(event)
+                continue
+            if isinstance(event, Continued):
+                applied, _ = self.pool.apply(event.progress)  # unfinished: completes nothing
+                group = self.pool.group_of(event.progress.seq_id)
+                member = self.pool.member(event.progress.seq_id)
+                if applied and group is not None and member is not None:
+                    retry.append((group, [member]))
                 continue
             applied, group = self.pool.apply(event)
             if applied and event.finished:

@@ -114,6 +114,7 @@ class GrpcBackend(RolloutBackend):
                             prefix_token_ids=m.token_ids,
                             prefix_logprobs=m.logprobs,
                             prefix_versions=expand_spans(m.spans),
+                            max_new_tokens=m.max_tokens,
                         )
                     )
                     self._prefix[m.seq_id] = len(m.token_ids)
@@ -263,9 +264,16 @@ class GrpcBackend(RolloutBackend):
         for item in items:
             if isinstance(item, _Ended):
                 out += self._ended(item)
-            else:
+            elif isinstance(item, tuple):
                 out.append(self._progress(*item))
+            else:
+                out.append(item)  # posted by a layer above (``post``)
         return out
+
+    def post(self, item) -> None:
+        """Queues ``item`` to come out of ``wait`` (or ``abort``) as it is: a layer above
+        (multi-turn episodes) wakes the driver with its own events this way."""
+        self._events.put(item)
 
     def _progress(self, replica: Replica, result: rollout_pb2.SequenceResult) -> Progress:
         with self._lock:

@@ -53,6 +53,31 @@ def extend_spans(spans: Spans, version: int, count: int) -> Spans:
     return out
 
 
+ENV_VERSION = -1
+"""The version of a token an environment inserted into a multi-turn episode: no policy
+sampled it. It is masked from the loss and counts towards neither the budget C nor a
+group's staleness."""
+
+
+@dataclass
+class EpisodeState:
+    """A member that is a multi-turn episode (``task.environment``): its env-service
+    episode and where it stands. Its completion holds the model's turns and the
+    environment's replies in order; the replies' tokens carry ``ENV_VERSION``."""
+
+    episode_id: str
+    turns: int = 0
+    """Model turns the environment has answered."""
+    turn_start: int = 0
+    """Index in the completion where the model's current turn began: a turn carried over
+    mid-way resumes with the rest of its own token cap."""
+    reward: float = 0.0
+    tool_calls: int = 0
+    restarts: int = 0
+    """Times the episode was started again from the prompt because the env service had
+    lost it (restarted, expired) or moved past the state P holds."""
+
+
 @dataclass
 class Rollout:
     """One member of a group: the completion generated so far and how it got there.
@@ -80,14 +105,24 @@ class Rollout:
     """Submitted to a replica that has not reported on it yet. Only overlapped
     scheduling leaves rollouts in flight across an iteration boundary; never saved
     (a restarted scheduler has no streams open)."""
+    episode: EpisodeState | None = None
+    """Multi-turn episodes only (``episodes.py``)."""
+    max_tokens: int = 0
+    """The completion limit (prefix included) of its next dispatch; 0: the sampling's.
+    An episode's is its current turn's start plus one turn. Never saved."""
 
     @property
     def versions(self) -> list[int]:
         return expand_spans(self.spans)
 
     @property
+    def model_tokens(self) -> int:
+        """Completion tokens a policy sampled (all of them but an environment's)."""
+        return sum(n for v, n in self.spans if v != ENV_VERSION)
+
+    @property
     def oldest_version(self) -> int | None:
-        return self.spans[0][0] if self.spans else None
+        return min((v for v, _ in self.spans if v != ENV_VERSION), default=None)
 
 
 @dataclass
@@ -112,8 +147,9 @@ class Group:
 
     @property
     def tokens(self) -> int:
-        """Completion tokens of all members (what a released group adds to C)."""
-        return sum(m.length for m in self.members)
+        """Completion tokens the members' policy sampled (what a released group adds to
+        C): an episode's environment tokens are not counted."""
+        return sum(m.model_tokens for m in self.members)
 
     def unfinished(self) -> list[Rollout]:
         return [m for m in self.members if not m.finished]

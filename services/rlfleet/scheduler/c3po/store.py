@@ -5,7 +5,7 @@ Keys (prefix ``rlfleet``), per job:
   is saved), ``next_serial`` (the job's prompt counter), ``released`` (JSON list
   of the serials that step released to training)
 - ``rlfleet:c3po:<job>:groups``  hash: serial -> one encoded group (members'
-  tokens, log-probs, version spans, retention)
+  tokens, log-probs, version spans, retention; a multi-turn episode's state)
 
 The state is written once per iteration, at the end of its rollout phase, in one
 MULTI/EXEC: only groups that changed are rewritten and dropped ones deleted. The
@@ -21,6 +21,7 @@ per-token arrays; versions run-length encoded), then per member its token ids
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from array import array
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from rlfleet.scheduler.c3po.pool import Group, InferencePool, Rollout
+from rlfleet.scheduler.c3po.pool import EpisodeState, Group, InferencePool, Rollout
 
 
 @dataclass
@@ -54,6 +55,7 @@ def encode_group(group: Group) -> bytes:
                 "finished": m.finished,
                 "finish_reason": m.finish_reason,
                 "n_tok": len(m.token_ids),
+                "episode": dataclasses.asdict(m.episode) if m.episode else None,
             }
         )
         body += array("i", m.token_ids).tobytes()
@@ -96,6 +98,7 @@ def decode_group(raw: bytes) -> Group:
                 retention=h["retention"],
                 finished=h["finished"],
                 finish_reason=h["finish_reason"],
+                episode=EpisodeState(**h["episode"]) if h.get("episode") else None,
                 dirty=False,
             )
         )

@@ -16,15 +16,18 @@ Prompt serials come from the job's counter in P (not from the step number as in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from rlfleet.common.errors import RlfleetError
 from rlfleet.common.tasks import PromptSource, entry_to_json
 from rlfleet.scheduler.c3po import metrics as c3po_metrics
 from rlfleet.scheduler.c3po.driver import C3poSettings, IterationDriver
+from rlfleet.scheduler.c3po.episodes import EpisodeBackend, EpisodeGroupSource
 from rlfleet.scheduler.c3po.grpc_backend import GrpcBackend
-from rlfleet.scheduler.c3po.pool import Group, Rollout
+from rlfleet.scheduler.c3po.pool import ENV_VERSION, Group, Rollout
 from rlfleet.scheduler.c3po.store import C3poStore, SavedState
+from rlfleet.scheduler.episodes import EnvTurns, episode_metrics
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import TextCodec, sample_id
 from rlfleet.scheduler.strategy import (
@@ -34,7 +37,7 @@ from rlfleet.scheduler.strategy import (
     rollout_metrics,
     sampling_params,
 )
-from rlfleet.v1 import common_pb2
+from rlfleet.v1 import common_pb2, env_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -77,29 +80,40 @@ def group_samples(
                     f"C3PO++: sequence {m.seq_id} holds {len(m.token_ids)} tokens but "
                     f"{len(m.logprobs)} log-probs and {len(versions)} versions"
                 )
-            samples.append(
-                common_pb2.Sample(
-                    job_id=job_id,
-                    sample_id=m.seq_id,
-                    group_id=group.group_id,
-                    step=step,
-                    prompt_token_ids=group.prompt_ids,
-                    completion_token_ids=m.token_ids,
-                    inference_logprobs=m.logprobs,
-                    token_versions=versions,
-                    finish_reason=m.finish_reason,
-                    completion_text=codec.completion_text(m.token_ids),
-                    task_json=group.task_json,
-                    retention=m.retention,
-                )
+            sample = common_pb2.Sample(
+                job_id=job_id,
+                sample_id=m.seq_id,
+                group_id=group.group_id,
+                step=step,
+                prompt_token_ids=group.prompt_ids,
+                completion_token_ids=m.token_ids,
+                inference_logprobs=m.logprobs,
+                token_versions=versions,
+                finish_reason=m.finish_reason,
+                completion_text=codec.completion_text(m.token_ids),
+                task_json=group.task_json,
+                retention=m.retention,
             )
+            if m.episode is not None:  # the environment's reward; its tokens masked
+                sample.reward = m.episode.reward
+                sample.loss_mask.extend(v != ENV_VERSION for v in versions)
+                sample.completion_text = codec.tokenizer.decode(
+                    m.token_ids, skip_special_tokens=True
+                )
+            samples.append(sample)
     return samples
 
 
+def episode_ids(groups: list[Group]) -> list[str]:
+    return [m.episode.episode_id for g in groups for m in g.members if m.episode]
+
+
 class C3poStrategy(RolloutStrategy):
-    def __init__(self, pool: ReplicaPool, *, store: C3poStore):
+    def __init__(self, pool: ReplicaPool, *, store: C3poStore, clients=None):
         super().__init__(pool)
         self.store = store
+        self.clients = clients
+        """The env service's client, for jobs with a ``task.environment`` (``episodes.py``)."""
         self._state: SavedState | None = None
         self._job = ""
         self._backend: GrpcBackend | None = None
@@ -138,17 +152,29 @@ class C3poStrategy(RolloutStrategy):
                     state.step,
                     ctx.step,
                 )
-            source = PromptGroupSource(
-                ctx.prompts, ctx.codec, group_size=ctx.spec.algorithm.group_size
+            group_size = ctx.spec.algorithm.group_size
+            turns = EnvTurns(ctx, self.clients) if ctx.spec.task.environment else None
+            source = (
+                EpisodeGroupSource(turns, group_size=group_size)
+                if turns
+                else PromptGroupSource(ctx.prompts, ctx.codec, group_size=group_size)
             )
             driver = IterationDriver(state.pool, source, settings)
+            backend = episodes = None
             try:
                 backend = self._backend_for(ctx, driver)
+                if turns:
+                    backend = episodes = EpisodeBackend(backend, turns)
                 report = driver.run_c3po(backend, step=ctx.step, version=ctx.version, stop=ctx.stop)
             except BaseException:
                 self._drop_backend()
                 self._state = None  # memory may be half-updated: reload from Redis next time
                 raise
+            finally:
+                if episodes is not None:
+                    episodes.close()
+            if turns:  # the episodes that left P are over in the env service too
+                turns.close(episode_ids(report.released + report.purged + report.stale))
             if settings.overlap:
                 self._backend = backend  # keeps generating while the step trains
             saved = self.store.save(ctx.job_id, state.pool, step=ctx.step, released=report.released)
@@ -157,6 +183,8 @@ class C3poStrategy(RolloutStrategy):
                 report, token_budget=settings.token_budget, pool_sequences=state.pool.unfinished
             )
             extra["c3po_state_bytes_written"] = float(saved)
+            if episodes is not None:
+                extra["env_episodes_restarted"] = float(episodes.restarted)
             logger.info(
                 "C3PO++ step %d: released %d groups (C = %d of Φ = %d), carried %d, purged %d",
                 ctx.step,
@@ -168,6 +196,10 @@ class C3poStrategy(RolloutStrategy):
                 extra={"job_id": ctx.job_id, "step": ctx.step},
             )
         samples = group_samples(state.released, ctx.codec, job_id=ctx.job_id, step=ctx.step)
+        if ctx.spec.task.environment:
+            extra.update(episode_metrics([
+                (m.episode.turns, m.episode.tool_calls, m.finish_reason, m.versions)
+                for g in state.released for m in g.members if m.episode]))  # fmt: skip
         return RolloutResult(samples, {**rollout_metrics(samples, ctx), **extra})
 
     def _backend_for(self, ctx: StepContext, driver: IterationDriver) -> GrpcBackend:
@@ -208,5 +240,10 @@ class C3poStrategy(RolloutStrategy):
                 job_id,
                 self._state.pool.unfinished,
             )
+        if self._state is not None and self._job == job_id and self.clients is not None:
+            for episode_id in episode_ids(list(self._state.pool)):
+                with contextlib.suppress(RlfleetError):
+                    self.clients.env_call("Close", "Close",
+                                          env_pb2.CloseRequest(episode_id=episode_id), timeout=30)  # fmt: skip
         self.store.delete(job_id)
         self._state = None
