@@ -9,6 +9,8 @@ has something to mask.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -404,4 +406,105 @@ def test_a_step_survives_weightsync_being_down(
     spec = _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5)
     assert restarted.init_job(job, spec) == (1, True)
     assert torch.equal(restarted.jobs[job].model.state_dict()["lm_head.weight"], trained)
+    restarted.close()
+
+
+class GatedPublisher(NoPublisher):
+    """Weight-sync stand-in that holds each push until ``gate`` opens: a push in flight
+    for as long as a test needs. ``dead``: the push fails when let through (the process
+    that made it is gone). Keeps what it got, for ``fetch``."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.gate.set()
+        self.dead = False
+        self.published: dict[int, bytes] = {}
+
+    def publish(self, *, job_id: str, version: int, payload) -> str:
+        assert self.gate.wait(120), "the test never opened the gate"
+        if self.dead:
+            raise ConnectionError("the trainer that made this push is gone")
+        self.published[version] = bytes(payload)
+        return ""
+
+    def fetch(self, *, job_id: str, version: int):
+        raw = self.published.get(version)
+        return decode_state_dict(raw) if raw is not None else None
+
+
+def _taken(replica, job: str, version: int, timeout: float = 30.0):
+    """The version the replica's receiving thread has verified (it may still be checking
+    the checksum when the trainer's broadcast returns)."""
+    end = time.monotonic() + timeout
+    while (got := replica.take(job, version)) is None and time.monotonic() < end:
+        time.sleep(0.01)
+    return got
+
+
+def test_a_broadcast_version_reaches_weightsync_in_the_background_and_a_crash_retrains_it(
+    redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    """``publish_in_background``: once the version is broadcast to the weight group the
+    step returns; weight-sync gets it on a thread of its own, and only then are the
+    result stored and the entries acknowledged (the next TrainStep waits for that). A
+    trainer that dies before the push completes leaves a "settling" mark: its successor
+    trains that step again from exactly the same entries and publishes it."""
+    from rlfleet.common.weight_group import WeightReceiver
+
+    job = "job-bg"
+    publisher = GatedPublisher()
+    store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
+
+    def core_with(publisher):
+        return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
+                           publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
+                           device=torch.device("cpu"), read_timeout_s=10.0)  # fmt: skip
+
+    spec = _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5,
+                 weights={"transport": "collective", "group_timeout_s": 60})  # fmt: skip
+    core = core_with(publisher)
+    core.init_job(job, spec)
+    address = core.open_weight_group(job, 2)
+    replica = WeightReceiver(address, 1, job_id=job, alloc=bytearray, release=lambda _: None)
+    try:
+        buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=8))
+        publisher.gate.clear()  # weight-sync does not get version 1 until the gate opens
+        result = core.train_step(job, 0, 6, background=True)
+        assert result.metrics["weights_broadcast"] == 1.0
+        assert result.metrics["weights_published_in_background"] == 1.0
+        received = _taken(replica, job, 1)
+        assert received is not None, "the replica does not hold the broadcast version"
+        # Returned, with version 1 on its way: nothing stored, nothing acknowledged.
+        assert 1 not in publisher.published and store.get_result(job, 0) is None
+        assert store.get_settling(job).entry_ids == result.entry_ids
+        assert buffer.pending(job) == 6
+        publisher.gate.set()
+        core.jobs[job].wait_published()
+        assert publisher.published[1] == bytes(received.payload)
+        assert store.get_result(job, 0) == result and store.get_settling(job) is None
+        assert buffer.pending(job) == 0 and buffer.length(job) == 0
+
+        # Step 1 is broadcast, then the trainer dies before weight-sync has version 2.
+        buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=1, seed=9))
+        publisher.gate.clear()
+        lost = core.train_step(job, 1, 6, background=True)
+        assert _taken(replica, job, 2) is not None
+        publisher.dead = True
+        publisher.gate.set()
+        with pytest.raises(ConnectionError):
+            core.jobs[job].wait_published()
+    finally:
+        replica.close()
+    # The scheduler goes on: step 2's samples arrive, and TrainStep(2) reaches a restarted
+    # trainer, which finds step 1 settling and trains it again from the same entries.
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=2, seed=10))
+    fresh = GatedPublisher()
+    fresh.published = {v: p for v, p in publisher.published.items()}  # weight-sync's versions
+    restarted = core_with(fresh)
+    assert restarted.train_step(job, 2, 6).version == 3
+    again = store.get_result(job, 1)
+    assert again is not None and again.entry_ids == lost.entry_ids and again.version == 2
+    assert sorted(fresh.published) == [0, 1, 2, 3]
+    assert store.get_settling(job) is None
+    assert buffer.pending(job) == 0 and buffer.length(job) == 0
     restarted.close()

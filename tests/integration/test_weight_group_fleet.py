@@ -9,6 +9,8 @@ replicas and 1 vLLM replica (from .venv-vllm), each its own process, gloo on loo
   or half-loaded version fails by orders of magnitude.
 - A replica that joins late (stopped until step 2) catches up from weight-sync, then the
   scheduler forms a new group with it and it receives the next versions by broadcast.
+- While the group reaches every replica in use, weight-sync receives the versions in the
+  background (``weights_published_in_background``).
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def test_versions_reach_torch_and_vllm_replicas_over_the_weight_group(
         assert m["weights_broadcast"] == 1.0, (record.step, dict(m))
         # float32 everywhere: what the replicas sampled with is the trainer's θ_old.
         assert abs(m["train_infer_kl_k1"]) < 1e-3 and m["max_abs_dp"] < 1e-2, dict(m)
+    # The group reached every replica the scheduler used: weight-sync got those versions
+    # in the background, off the steps' path (docs/WEIGHTS.md).
+    assert sum(r.metrics.get("weights_published_in_background", 0.0) for r in steps) >= 1
     # Steps 0-1: the three first replicas got each version by broadcast.
     assert [steps[i].metrics["replicas_via_weight_group"] for i in (0, 1)] == [3.0, 3.0]
     # The late joiner caught up from weight-sync, then joined a new group: the last step's

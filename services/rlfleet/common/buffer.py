@@ -59,6 +59,11 @@ class ExperienceBuffer(abc.ABC):
         """Entries delivered to ``consumer`` and not yet acknowledged (after its restart)."""
 
     @abc.abstractmethod
+    def claim(self, job_id: str, consumer: str, entry_ids: list[str]) -> list[Entry]:
+        """Exactly these pending entries, now ``consumer``'s (whoever held them); ones
+        acknowledged meanwhile are left out."""
+
+    @abc.abstractmethod
     def reclaim(
         self, job_id: str, consumer: str, *, min_idle_ms: int, count: int = 1000
     ) -> list[Entry]:
@@ -182,6 +187,12 @@ class RedisStreamBuffer(ExperienceBuffer):
         key = self._ensure_group(job_id)
         reply = self.r.xreadgroup(GROUP, consumer, {key: "0"}, count=count)
         return self._decode(reply[0][1]) if reply else []
+
+    def claim(self, job_id: str, consumer: str, entry_ids: list[str]) -> list[Entry]:
+        if not entry_ids:
+            return []
+        key = self._ensure_group(job_id)
+        return self._decode(self.r.xclaim(key, GROUP, consumer, 0, entry_ids))
 
     def reclaim(
         self, job_id: str, consumer: str, *, min_idle_ms: int, count: int = 1000

@@ -78,13 +78,16 @@ class ServiceClients:
             timeout=self.timeouts.init,
         )
 
-    def train_step(self, job_id: str, step: int, num_samples: int) -> trainer_pb2.TrainStepResponse:
+    def train_step(
+        self, job_id: str, step: int, num_samples: int, *, background: bool = False
+    ) -> trainer_pb2.TrainStepResponse:
         # Safe to retry: TrainStep is idempotent per (job, step).
         return self._call(
             "trainer",
             f"TrainStep(step={step})",
             self.trainer.TrainStep,
-            trainer_pb2.TrainStepRequest(job_id=job_id, step=step, num_samples=num_samples),
+            trainer_pb2.TrainStepRequest(job_id=job_id, step=step, num_samples=num_samples,
+                                         publish_in_background=background),  # fmt: skip
             timeout=self.timeouts.train,
         )
 

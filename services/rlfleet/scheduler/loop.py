@@ -11,13 +11,14 @@ keeps one copy) and TrainStep is idempotent per step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Iterator
 
-from rlfleet.common.errors import RlfleetError
+from rlfleet.common.errors import NotFound, RlfleetError
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.tasks import PromptSource
 from rlfleet.scheduler import metrics
@@ -63,6 +64,8 @@ class JobRunner:
         self.pool = pool
         self.clients = clients
         self.weight_groups = WeightGroups(pool, clients)
+        self._publishing: dict[str, int | None] = {}
+        """Per job: the step whose version the trainer is publishing in the background."""
         self.score_batch_size = score_batch_size
         self.tracking_dir = tracking_dir
         self.mlflow_tracking_uri = mlflow_tracking_uri
@@ -127,6 +130,7 @@ class JobRunner:
             raise
         finally:
             self.weight_groups.forget(job_id)
+            self._publishing.pop(job_id, None)
         strategy.finish(job_id)
         tracker.close(outcome="succeeded")
         return self.store.transition(job_id, JobState.SUCCEEDED)
@@ -176,13 +180,10 @@ class JobRunner:
     ) -> int:
         job_id, spec, step = ctx.job_id, ctx.spec, ctx.step
         timings: dict[str, float] = {}
-        limit = spec.resources.rollout_replicas
         with _phase("step", timings):
             # Late joiners and restarted replicas catch up before they get work.
             self.pool.refresh()
-            self.pool.ensure_version(
-                job_id=job_id, version=ctx.version, model_path=spec.model.path, limit=limit
-            )
+            self._ensure_version(job_id, spec, ctx.version)
             with _phase("rollout", timings):
                 rollout = strategy.rollout(ctx)
             self._check(job_id, ctx.stop)
@@ -197,12 +198,13 @@ class JobRunner:
             self._check(job_id, ctx.stop)
             with _phase("train", timings):
                 self.weight_groups.ensure(job_id, spec)
-                trained = self.clients.train_step(job_id, step, len(rollout.samples))
+                background = self.weight_groups.covers(job_id, spec)
+                trained = self.clients.train_step(job_id, step, len(rollout.samples),
+                                                  background=background)  # fmt: skip
                 self.weight_groups.after_step(job_id, dict(trained.metrics))
+                self._publishing[job_id] = step if background else None
             with _phase("sync", timings):
-                synced = self.pool.ensure_version(
-                    job_id=job_id, version=trained.version, model_path=spec.model.path, limit=limit
-                )
+                synced = self._ensure_version(job_id, spec, trained.version)
             evaluated = {}
             if evaluator is not None and evaluator.due(step):
                 self._check(job_id, ctx.stop)
@@ -235,6 +237,23 @@ class JobRunner:
             extra={"job_id": job_id, "step": step},
         )
         return trained.version
+
+    def _ensure_version(self, job_id: str, spec: JobSpec, version: int) -> list:
+        """``pool.ensure_version``; a replica that must pull a version the trainer is still
+        publishing in the background (a late joiner, one restarted since the broadcast)
+        finds it missing in weight-sync: wait for the publish (a repeated TrainStep), then
+        load again."""
+        load = functools.partial(self.pool.ensure_version, job_id=job_id, version=version,
+                                 model_path=spec.model.path,
+                                 limit=spec.resources.rollout_replicas)  # fmt: skip
+        try:
+            return load()
+        except NotFound:
+            step = self._publishing.pop(job_id, None)
+            if step is None or step + 1 != version:
+                raise
+            self.clients.train_step(job_id, step, 1)  # returns once weight-sync holds it
+            return load()
 
     def _write(self, job_id: str, samples: list[common_pb2.Sample]) -> int:
         """SFT: has reward append the demonstrations unscored; returns the samples written."""

@@ -52,6 +52,13 @@ class WeightGroups:
         logger.info("job %s: weight group %d of the trainer and %d replicas", job_id,
                     group.generation, len(members))  # fmt: skip
 
+    def covers(self, job_id: str, spec: JobSpec) -> bool:
+        """The job's group holds every healthy replica it uses: a broadcast reaches them all,
+        so the trainer may publish to weight-sync in the background (TrainStep)."""
+        members = self._members.get(job_id)
+        healthy = self.pool.healthy(limit=spec.resources.rollout_replicas)
+        return bool(members) and members == tuple(sorted(r.address for r in healthy))
+
     def after_step(self, job_id: str, metrics: dict[str, float]) -> None:
         """A broadcast that failed leaves the group: form a new one before the next step."""
         if metrics.get("weights_broadcast", 0.0) == 0.0:  # missing: a restarted trainer

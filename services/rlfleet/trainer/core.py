@@ -82,6 +82,7 @@ class TrainerCore:
                     raise FailedPrecondition(
                         f"job {job_id} is already initialised on this trainer with a different spec"
                     )
+                existing.wait_published()  # the caller may pull the version next
                 return existing.version, existing.version > 0
             self.store.put_spec(job_id, spec.model_dump_json())
             trainer = JobTrainer(
@@ -103,7 +104,9 @@ class TrainerCore:
             self.jobs[job_id] = trainer
             return version, resumed
 
-    def train_step(self, job_id: str, step: int, num_samples: int) -> StepResult:
+    def train_step(
+        self, job_id: str, step: int, num_samples: int, *, background: bool = False
+    ) -> StepResult:
         check_job_id(job_id)
         trainer = self.jobs.get(job_id)
         if trainer is None:
@@ -112,7 +115,7 @@ class TrainerCore:
                 self.buffer.ack(job_id, stored.entry_ids)
                 return stored
             trainer = self._reload(job_id)
-        return trainer.train_step(step, num_samples)
+        return trainer.train_step(step, num_samples, background=background)
 
     def _reload(self, job_id: str) -> JobTrainer:
         """A job this process has not seen since a restart: its spec from Redis, resumed."""

@@ -16,6 +16,19 @@ A step, in the order that keeps experience safe across crashes:
 If the process dies before 6 the entries stay pending for the next trainer
 (step 1 picks them up again); if it dies between storing and acknowledging, a
 repeated TrainStep re-acknowledges them.
+
+With a weight group that reaches every replica (``background``: the scheduler says
+so), the step returns once the version is broadcast, and 5-6 run on a thread of
+their own while the next step's rollout runs: weight-sync is off the step's path.
+The result is marked "settling" in Redis first; the next TrainStep (or a repeated
+one, or InitJob) waits for 5-6 before anything else, so entries are acknowledged
+only once weight-sync holds their version. A trainer that dies in between leaves
+the mark and the entries pending: its successor retrains that step from exactly
+those entries and publishes the version (``_retrain_unsettled``). The replicas
+sampled the next step with the broadcast of the first training; the trainer's
+log-probs come from the retrained one, and IcePop corrects the difference, as for
+any train/inference mismatch. A step due for a checkpoint publishes in the
+foreground (the checkpoint writer takes the payload).
 """
 
 from __future__ import annotations
@@ -87,6 +100,9 @@ class JobTrainer:
         self.version = 0
         self.last_step = -1
         self._unpublished: StepResult | None = None
+        self._settling: tuple[StepResult, Buffer, Future] | None = None
+        """A step published in the background: its result, payload and the push."""
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pub-{job_id}")
         self._lock = threading.Lock()
         self.gather_bucket_bytes = gather_bucket_bytes
         # Payloads of past versions, reused (a version is the same size every step); a
@@ -130,6 +146,7 @@ class JobTrainer:
                 self._publish_resumed(source)
             if latest is not None:
                 self._settle_checkpointed_step(latest.state.get("result"))
+            self._retrain_unsettled()
             resumed = self.version > 0
             prom.POLICY_VERSION.labels(self.job_id).set(self.version)
             logger.info(
@@ -198,12 +215,41 @@ class JobTrainer:
             self.store.put_result(self.job_id, result)
         self.buffer.ack(self.job_id, result.entry_ids)
 
+    def _retrain_unsettled(self) -> None:
+        """A step whose version was broadcast but never reached weight-sync (the trainer
+        died while publishing it in the background): train it again from exactly the
+        entries it took, and publish it."""
+        mark = self.store.get_settling(self.job_id)
+        if mark is None:
+            return
+        if mark.step != self.version or self.store.get_result(self.job_id, mark.step):
+            self.store.clear_settling(self.job_id)  # it was published after all
+            return
+        entries = self.buffer.claim(self.job_id, self.consumer, mark.entry_ids)
+        if len(entries) != len(mark.entry_ids):
+            raise FailedPrecondition(
+                f"job {self.job_id}: step {mark.step} was trained and broadcast but not "
+                f"published, and {len(mark.entry_ids) - len(entries)} of its "
+                f"{len(mark.entry_ids)} samples are no longer in the buffer to train it again"
+            )
+        logger.warning(
+            "step %d's version was broadcast but never reached weight-sync; training the "
+            "step again from its %d samples",
+            mark.step,
+            len(entries),
+            extra={"job_id": self.job_id, "step": mark.step},
+        )
+        self._unpublished = self._train(mark.step, entries)
+        self._finish(self._unpublished)
+
     # ------------------------------------------------------------------ step
-    def train_step(self, step: int, num_samples: int) -> StepResult:
-        """TrainStep(step): idempotent; publishes version step + 1."""
+    def train_step(self, step: int, num_samples: int, *, background: bool = False) -> StepResult:
+        """TrainStep(step): idempotent; publishes version step + 1 (``background``: once
+        broadcast, weight-sync receives it while the caller goes on; see the docstring)."""
         if step < 0:
             raise InvalidArgument(f"step must be ≥ 0, got {step}")
         with self._lock:
+            self._join_published()
             stored = self.store.get_result(self.job_id, step)
             if stored is not None:
                 self.buffer.ack(self.job_id, stored.entry_ids)
@@ -225,15 +271,20 @@ class JobTrainer:
                     )
                 if num_samples < 1:
                     raise InvalidArgument(f"num_samples must be ≥ 1, got {num_samples}")
-                self._unpublished = self._train(step, num_samples)
-            return self._finish(self._unpublished)
+                previous = self.store.get_result(self.job_id, step - 1) if step > 0 else None
+                if previous is not None:  # an earlier process stored it and died before the ack
+                    self.buffer.ack(self.job_id, previous.entry_ids)
+                entries = self._take(num_samples, step=step)
+                self._unpublished = self._train(step, entries)
+            return self._finish(self._unpublished, background=background)
 
-    def _train(self, step: int, num_samples: int) -> StepResult:
+    def wait_published(self) -> None:
+        """Until weight-sync holds the version of a step published in the background."""
+        with self._lock:
+            self._join_published()
+
+    def _train(self, step: int, entries: list[Entry]) -> StepResult:
         start = time.perf_counter()
-        previous = self.store.get_result(self.job_id, step - 1) if step > 0 else None
-        if previous is not None:  # an earlier process stored it and died before the ack
-            self.buffer.ack(self.job_id, previous.entry_ids)
-        entries = self._take(num_samples, step=step)
         vocab = self.engine.vocab_size
         samples = [to_train_sample(e.sample, vocab_size=vocab) for e in entries]
         metrics = self.mirror.call(self.job_id, "update", samples, step)
@@ -250,13 +301,26 @@ class JobTrainer:
             result.checkpoint_path = str(self.checkpoints.dir / f"step-{step}")
         return result
 
-    def _finish(self, result: StepResult) -> StepResult:
+    def _finish(self, result: StepResult, *, background: bool = False) -> StepResult:
         """Publish, checkpoint (if due and missing), store, acknowledge — safe to repeat."""
         broadcast = _Broadcast(self._sender, result.version) if self._sender else None
         payload = self._gather(stream=broadcast)
-        try:
-            if broadcast is not None:
+        if broadcast is not None:
+            try:
                 result.metrics.update(broadcast.finish(payload))
+            except BaseException:
+                self._payloads.give(payload)
+                raise
+        if background and broadcast is not None and broadcast.ok and not result.checkpoint_path:
+            # Every replica holds the version: weight-sync gets it while the next step runs.
+            result.metrics["weights_published_in_background"] = 1.0
+            self.store.put_settling(self.job_id, result)
+            self._unpublished = None
+            push = self._publisher.submit(self._publish_and_settle, result, payload)
+            self._settling = (result, payload, push)
+            self._observe(result)
+            return result
+        try:
             self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
             if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
                 self._checkpoint(result, payload)
@@ -266,9 +330,43 @@ class JobTrainer:
         finally:
             if payload is not None:
                 self._payloads.give(payload)
-        self.store.put_result(self.job_id, result)
+        self.store.settled(self.job_id, result)
         self._unpublished = None
         self.buffer.ack(self.job_id, result.entry_ids)
+        self._observe(result)
+        return result
+
+    def _publish_and_settle(self, result: StepResult, payload: Buffer) -> None:
+        """Publishes a broadcast version to weight-sync, then stores the result and
+        acknowledges its entries (the background thread; again in the foreground when
+        that failed). The payload goes back only once weight-sync holds it."""
+        start = time.perf_counter()
+        self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
+        self.store.settled(self.job_id, result)
+        self.buffer.ack(self.job_id, result.entry_ids)
+        self._payloads.give(payload)
+        prom.BACKGROUND_PUBLISH_SECONDS.labels(self.job_id).observe(time.perf_counter() - start)
+
+    def _join_published(self) -> None:
+        """Waits for the background publish of the previous step; one that failed (e.g.
+        weight-sync was down) is repeated here, and its error raised if it fails again."""
+        if self._settling is None:
+            return
+        result, payload, push = self._settling
+        try:
+            push.result()
+        except Exception as exc:  # noqa: BLE001 - retried right here
+            logger.warning(
+                "publishing version %d in the background failed (%s); publishing it again",
+                result.version,
+                exc,
+                extra={"job_id": self.job_id, "step": result.step},
+            )
+            self._publish_and_settle(result, payload)
+        self._settling = None
+
+    def _observe(self, result: StepResult) -> None:
+        """The step's Prometheus series and log line."""
         prom.POLICY_VERSION.labels(self.job_id).set(result.version)
         prom.STEP_SECONDS.labels(self.job_id).observe(
             result.metrics.get("trainer_step_seconds", 0.0)
@@ -284,7 +382,6 @@ class JobTrainer:
                 **{k: round(v, 6) for k, v in result.metrics.items()},
             },
         )
-        return result
 
     # ------------------------------------------------------------------ buffer
     def _take(self, n: int, *, step: int) -> list[Entry]:
@@ -420,11 +517,17 @@ class JobTrainer:
             writing.result()
 
     def close(self) -> None:
-        """Lets a checkpoint being written finish (its failure is already logged)."""
+        """Lets a background publish and a checkpoint being written finish (their
+        failures are logged; a publish left unfinished is retrained after a restart)."""
+        try:
+            self.wait_published()
+        except Exception:  # noqa: BLE001
+            logger.exception("background publish failed", extra={"job_id": self.job_id})
         try:
             self.wait_checkpoint()
         except Exception:  # noqa: BLE001
             pass
+        self._publisher.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         if self._sender is not None:
             self._sender.close()

@@ -20,6 +20,12 @@ CHECKPOINT_SECONDS = Histogram(
     ["job_id"],
     buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900),
 )
+BACKGROUND_PUBLISH_SECONDS = Histogram(
+    "rlfleet_trainer_background_publish_seconds",
+    "Pushing a broadcast version to weight-sync off the step's path, per version",
+    ["job_id"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 TOKENS_TRAINED = Counter(
     "rlfleet_trainer_tokens_trained_total", "Response tokens trained on.", ["job_id"]
 )

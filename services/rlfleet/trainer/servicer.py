@@ -24,7 +24,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.InitJobResponse(version=version, resumed=resumed)
 
     def TrainStep(self, request, context):
-        result = self.core.train_step(request.job_id, request.step, request.num_samples)
+        result = self.core.train_step(request.job_id, request.step, request.num_samples,
+                                      background=request.publish_in_background)  # fmt: skip
         return trainer_pb2.TrainStepResponse(
             version=result.version,
             metrics=result.metrics,

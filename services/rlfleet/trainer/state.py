@@ -5,6 +5,11 @@ including the buffer entries it trained on. A repeated TrainStep returns it
 without training again and re-acknowledges those entries, which closes the
 window between storing a result and acknowledging its entries.
 
+``rlfleet:trainer:<job>:settling`` holds the result of a step whose version was
+broadcast to the weight group and is still on its way to weight-sync (the step
+returned early, ``publish_in_background``): its entries are not acknowledged yet.
+A trainer that restarts and finds it retrains that step from exactly those entries.
+
 ``rlfleet:trainer:<job>:spec`` holds the job's spec, so a trainer that
 restarted can take a TrainStep for a job it has not seen since: it reloads the
 spec and resumes from the job's newest checkpoint.
@@ -72,6 +77,26 @@ class TrainerStore:
 
     def put_result(self, job_id: str, result: StepResult) -> None:
         self.r.set(self._step_key(job_id, result.step), result.to_json())
+
+    def _settling_key(self, job_id: str) -> str:
+        return f"{self.prefix}:trainer:{job_id}:settling"
+
+    def put_settling(self, job_id: str, result: StepResult) -> None:
+        self.r.set(self._settling_key(job_id), result.to_json())
+
+    def get_settling(self, job_id: str) -> StepResult | None:
+        raw = self.r.get(self._settling_key(job_id))
+        return StepResult.from_json(raw) if raw else None
+
+    def clear_settling(self, job_id: str) -> None:
+        self.r.delete(self._settling_key(job_id))
+
+    def settled(self, job_id: str, result: StepResult) -> None:
+        """Stores ``result`` and drops the settling mark, in one transaction."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._step_key(job_id, result.step), result.to_json())
+        pipe.delete(self._settling_key(job_id))
+        pipe.execute()
 
     def put_spec(self, job_id: str, spec_json: str) -> None:
         self.r.set(self._spec_key(job_id), spec_json)

@@ -32,14 +32,16 @@ class InitJobResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("job_id", "step", "num_samples")
+    __slots__ = ("job_id", "step", "num_samples", "publish_in_background")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_IN_BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     num_samples: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    publish_in_background: bool
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., num_samples: _Optional[int] = ..., publish_in_background: _Optional[bool] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("version", "metrics", "samples_trained", "checkpoint_path")

@@ -291,3 +291,40 @@ def test_job_whose_steps_are_all_recorded_just_succeeds(fleet_core, fleet, spec_
     assert fleet_core.run_once()
     assert fleet_core.get(job.job_id).state == JobState.SUCCEEDED
     assert fleet.trainer.inits == []
+
+
+def test_a_replica_that_must_pull_a_version_still_being_published_waits_for_it():
+    """After a TrainStep that published in the background, a replica that was not in the
+    weight group (a late joiner, one restarted since the broadcast) finds the version
+    missing in weight-sync: the loop repeats that TrainStep, which returns once
+    weight-sync holds it, then loads again. Without a publish in flight, NOT_FOUND is
+    the job's error. (Stand-ins: only the calls the loop makes are scripted.)"""
+    from rlfleet.common.errors import NotFound
+    from rlfleet.scheduler.loop import JobRunner
+
+    class Pool:
+        def __init__(self):
+            self.loads = 0
+
+        def ensure_version(self, **kwargs):
+            self.loads += 1
+            if self.loads == 1:
+                raise NotFound("version 4 of job 'j' is not held (held: [3])")
+            return ["replica"]
+
+    class Clients:
+        def __init__(self):
+            self.steps = []
+
+        def train_step(self, job_id, step, num_samples, *, background=False):
+            self.steps.append((job_id, step, background))
+
+    pool, clients = Pool(), Clients()
+    runner = JobRunner(store=None, pool=pool, clients=clients)
+    spec = JobSpec.model_validate({"model": {"path": "unused"}})
+    runner._publishing["j"] = 3  # step 3's version (4) is on its way to weight-sync
+    assert runner._ensure_version("j", spec, 4) == ["replica"]
+    assert clients.steps == [("j", 3, False)] and pool.loads == 2
+    pool.loads = 0
+    with pytest.raises(NotFound):  # nothing in flight any more: a real NOT_FOUND
+        runner._ensure_version("j", spec, 4)
