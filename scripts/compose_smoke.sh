@@ -20,7 +20,8 @@
 #    the Dockerfile's default (the PyTorch CPU index).
 # 4. The stack: docker-compose.yml + deploy/compose.hostnet.yml (host networking, loopback
 #    ports 23xxx; Grafana left out, see that file), then deploy/smoke.sh: a 3-step GRPO job
-#    submitted with the CLI in the scheduler container.
+#    submitted with the CLI in the scheduler container, then a 2-step multi-turn job (a
+#    task.environment) whose episodes run in the env service.
 # 5. Prometheus (127.0.0.1:23090): every rlfleet-* target in /api/v1/targets must be up.
 # 6. Teardown in an EXIT trap: `compose down -v` (containers and volumes; images and the
 #    build cache stay), the wheel server, and dockerd if this script started it.
@@ -55,7 +56,7 @@ LOCAL_BASE=rlfleet-base:bookworm
 PROJECT=rlfleet-smoke
 PROM_URL=http://127.0.0.1:23090
 # Every loopback port compose.hostnet.yml listens on: all must be free before the stack starts.
-PORTS="23050 23051 23052 23053 23054 23055 23056 23080 23090 23379 23400 23401 23402 23403 23404 23405"
+PORTS="23050 23051 23052 23053 23054 23055 23056 23057 23080 23090 23379 23400 23401 23402 23403 23404 23405 23406"
 # The torch wheel's server during the build. Fixed, not picked at random: the URL is a build
 # argument, and a new value each run would rebuild the torch layer each run.
 WHEEL_PORT=${RLFLEET_WHEEL_PORT:-23999}
@@ -348,7 +349,7 @@ python3 - "$PROM_URL" <<'PY'
 import json, sys, time, urllib.request
 
 url = sys.argv[1] + "/api/v1/targets"
-want = {"rlfleet-scheduler": 1, "rlfleet-rollout": 2, "rlfleet-reward": 1,
+want = {"rlfleet-scheduler": 1, "rlfleet-rollout": 2, "rlfleet-reward": 1, "rlfleet-env": 1,
         "rlfleet-trainer": 1, "rlfleet-weightsync": 1}
 deadline = time.monotonic() + 90
 while True:

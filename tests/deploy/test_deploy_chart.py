@@ -1,7 +1,8 @@
 """The Helm chart: lints, renders with every shipped values set, and every object it renders
 is a valid Kubernetes object (strict schemas, so a misspelt field fails) that follows the
 chart's promises: non-root, read-only root filesystems, gRPC probes, GPUs from values,
-namespaced RBAC, no hard-coded namespace, and flags the services actually accept.
+namespaced RBAC, no hard-coded namespace, and flags the services actually accept; the env
+service (multi-turn episodes) runs as one pod that the scheduler reaches at --env-address.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ KUBE_VERSIONS = ("1.27.0", "latest")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 SETS = list(VALUE_SETS)
+# Every workload the chart runs: the services that use Redis, and the env service (no Redis).
+COMPONENTS = (*SERVICES, "env")
 
 
 @pytest.fixture(scope="module", params=SETS)
@@ -140,7 +143,7 @@ def test_services_have_native_grpc_probes(rendered):
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert container[probe]["grpc"]["port"] == grpc_port, (component, probe)
-    assert seen == set(SERVICES)
+    assert seen == set(COMPONENTS)
 
 
 def _container(objects, component) -> dict:
@@ -157,7 +160,7 @@ def test_gpus_come_from_values():
         assert res["requests"]["nvidia.com/gpu"] == 1
         assert res["limits"]["nvidia.com/gpu"] == 1
         assert _container(objects, component)["image"].endswith("-cuda")
-    for component in ("scheduler", "reward", "weightsync"):
+    for component in ("scheduler", "reward", "env", "weightsync"):
         res = _container(objects, component)["resources"]
         assert "nvidia.com/gpu" not in res.get("limits", {})
         assert not _container(objects, component)["image"].endswith("-cuda")
@@ -297,6 +300,7 @@ def test_network_policies_admit_only_the_callers():
     assert _ingress_sources(policies["rlfleet-rollout"], "grpc") == ["scheduler"]
     assert _ingress_sources(policies["rlfleet-reward"], "grpc") == ["scheduler"]
     assert _ingress_sources(policies["rlfleet-trainer"], "grpc") == ["scheduler"]
+    assert _ingress_sources(policies["rlfleet-env"], "grpc") == ["scheduler"]
     assert sorted(_ingress_sources(policies["rlfleet-weightsync"], "grpc")) == [
         "rollout",
         "scheduler",
@@ -336,7 +340,7 @@ def test_scheduler_serves_the_rest_api_next_to_grpc():
         (api_rule, _metrics_rule) = find(objects, "NetworkPolicy", scheduler)["spec"]["ingress"]
         assert [p["port"] for p in api_rule["ports"]] == ["grpc", "http"]
         assert api_rule.get("from", []) == values.get("networkPolicy", {}).get("apiIngressFrom", [])
-        for service in ("rollout", "reward", "trainer", "weightsync"):
+        for service in ("rollout", "reward", "env", "trainer", "weightsync"):
             assert "http" not in [p["name"] for p in _container(objects, service)["ports"]]
     # Token auth: the hashes Secret is mounted as a directory (rotations reach the pod).
     spec = next(
@@ -377,7 +381,7 @@ def test_weightsync_serves_its_data_plane_on_a_fixed_port():
         }
         assert ports["data"]["port"] == 50052 and ports["data"]["targetPort"] == "data"
         assert ports["data"]["protocol"] == "TCP"
-        for service in ("scheduler", "rollout", "reward", "trainer"):
+        for service in ("scheduler", "rollout", "reward", "env", "trainer"):
             assert "data" not in [p["name"] for p in _container(objects, service)["ports"]]
             svc = find(objects, "Service", f"{fullname}-{service}")
             assert "data" not in [p["name"] for p in svc["spec"]["ports"]]
@@ -453,13 +457,16 @@ def test_service_monitor_scrapes_every_service_as_rlfleet_jobs():
     (sm,) = by_kind(objects, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     selected = sm["spec"]["selector"]["matchExpressions"][0]["values"]
-    assert sorted(selected) == sorted(SERVICES)
+    assert sorted(selected) == sorted(COMPONENTS)
     (endpoint,) = sm["spec"]["endpoints"]
     relabel = endpoint["relabelings"][0]
     assert relabel["targetLabel"] == "job" and relabel["replacement"] == "rlfleet-$1"
+    scraped = set()
     for service in by_kind(objects, "Service"):
-        if service["metadata"]["labels"]["app.kubernetes.io/component"] in SERVICES:
+        if service["metadata"]["labels"]["app.kubernetes.io/component"] in COMPONENTS:
             assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+            scraped.add(service["metadata"]["labels"]["app.kubernetes.io/component"])
+    assert scraped == set(COMPONENTS)  # the env Service included: job="rlfleet-env"
 
 
 def test_prometheus_rule_carries_the_rules_file(promtool, tmp_path):
@@ -490,7 +497,7 @@ def test_dashboards_ship_as_sidecar_configmaps():
     ]
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", COMPONENTS)
 @pytest.mark.parametrize("name", SETS)
 def test_rendered_flags_env_and_config_load_into_the_service_settings(
     name, service, tmp_path, monkeypatch
@@ -561,6 +568,18 @@ def test_rendered_flags_env_and_config_load_into_the_service_settings(
         assert cfg.auth == load_values(name).get("scheduler", {}).get("api", {}).get(
             "auth", "local"
         )
+        # Jobs with a task.environment reach the env Service (its name and gRPC port).
+        (env_service,) = [
+            s
+            for s in by_kind(objects, "Service")
+            if s["metadata"]["labels"]["app.kubernetes.io/component"] == "env"
+        ]
+        (grpc,) = [p for p in env_service["spec"]["ports"] if p["name"] == "grpc"]
+        assert cfg.env_address == f"{env_service['metadata']['name']}.rl.svc:{grpc['port']}"
+    if service == "env":
+        # It keeps episodes in memory: no Redis URL, no Redis password.
+        assert not [v for v in env if "REDIS" in v], env
+        assert cfg.redis_url == config_class("env").model_fields["redis_url"].default
     if service == "scheduler" and cfg.discovery == "kubernetes":
         assert cfg.rollout_namespace == "rl"
         assert cfg.rollout_selector == (
@@ -582,6 +601,90 @@ def _config_map(objects, service) -> str:
     raise AssertionError(service)
 
 
+def _env_objects(objects: list[dict]) -> list[dict]:
+    return [
+        o
+        for o in objects
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "env"
+    ]
+
+
+def test_env_service_is_one_pod_behind_a_service_the_scheduler_calls():
+    """The env service: a Deployment of one pod (episodes live in its memory; Recreate, so
+    two pods never hold episodes at once), a ClusterIP Service with grpc and metrics, the
+    scheduler's --env-address on that Service, and the hardening every pod gets."""
+    objects = render()
+    deployment = find(objects, "Deployment", "rlfleet-env")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["command"] == ["rlfleet"] and container["args"][0] == "env"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "grpc": 50051,
+        "metrics": 9400,
+    }
+    service = find(objects, "Service", "rlfleet-env")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "grpc": (50051, "grpc"),
+        "metrics": (9400, "metrics"),
+    }
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    args = _container(objects, "scheduler")["args"]
+    assert args[args.index("--env-address") + 1] == "rlfleet-env.rl.svc:50051"
+    # The same security context, service account and probes as reward: it runs the model's
+    # tool code in the same sandbox.
+    reward = find(objects, "Deployment", "rlfleet-reward")["spec"]["template"]["spec"]
+    assert spec["securityContext"] == reward["securityContext"]
+    assert container["securityContext"] == reward["containers"][0]["securityContext"]
+    assert spec["serviceAccountName"] == reward["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is False
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": 50051, "service": ""}, probe
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tmp"] == "/tmp"  # the sandbox's throwaway work directories
+    assert "model" not in mounts
+    assert {"requests", "limits"} <= set(container["resources"])
+    assert not [e for e in container["env"] if "REDIS" in e["name"]]
+    # Another Service port: the scheduler's address follows.
+    objects = render({"env": {"service": {"grpcPort": 6000}}})
+    args = _container(objects, "scheduler")["args"]
+    assert args[args.index("--env-address") + 1] == "rlfleet-env.rl.svc:6000"
+
+
+def test_env_service_can_be_turned_off_and_refuses_a_second_pod():
+    objects = render({"env": {"enabled": False}})
+    assert not _env_objects(objects)
+    assert "--env-address" not in _container(objects, "scheduler")["args"]
+    assert "refuses jobs with a task.environment" in notes({"env": {"enabled": False}})
+    with pytest.raises(_helm().HelmError, match=r"env.replicas is 2: .*memory"):
+        render({"env": {"replicas": 2}})
+    render({"env": {"replicas": 2, "enabled": False}})  # off: nothing to refuse
+    objects = render({"env": {"pdb": {"enabled": True}}})
+    assert find(objects, "PodDisruptionBudget", "rlfleet-env")["spec"]["maxUnavailable"] == 1
+
+
+def test_network_policies_let_only_the_scheduler_reach_env_and_env_reach_no_redis():
+    objects = render({"networkPolicy": {"egress": {"enabled": True}}})
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    env = policies["rlfleet-env"]
+    assert _ingress_sources(env, "grpc") == ["scheduler"]
+    assert _ingress_sources(env, "metrics") == [None]
+    # The scheduler may call env on its gRPC port; env calls nothing, not even Redis.
+    assert _egress_ports_to(policies["rlfleet-scheduler"], "env") == {50051}
+    for component in (*COMPONENTS, "redis"):
+        assert _egress_ports_to(env, component) == set(), component
+    assert _egress_ports_to(policies["rlfleet-reward"], "redis") == {6379}
+    (redis_rule,) = policies["rlfleet-redis"]["spec"]["ingress"]
+    (peer,) = redis_rule["from"]
+    assert "env" not in peer["podSelector"]["matchExpressions"][0]["values"]
+    # env off: the scheduler's egress no longer names it.
+    objects = render({"env": {"enabled": False}, "networkPolicy": {"egress": {"enabled": True}}})
+    scheduler = find(objects, "NetworkPolicy", "rlfleet-scheduler")
+    assert _egress_ports_to(scheduler, "env") == set()
+
+
 def test_notes_tell_how_to_reach_the_fleet():
     text = notes()
     assert "rlfleet-scheduler" in text and "rlfleet --url http://127.0.0.1:8080 submit" in text
@@ -590,4 +693,5 @@ def test_notes_tell_how_to_reach_the_fleet():
     assert "WARNING: model.existingClaim is empty" in text
     assert "data plane on port 50052" in text
     assert "over gRPC streams" in notes({"weightsync": {"dataPort": -1}})
+    assert "episodes in rlfleet-env (the scheduler's --env-address)" in text
     assert "WARNING" not in notes(load_values("ci-values"))

@@ -276,6 +276,28 @@ def test_a_trainer_over_several_pods_opens_the_network_between_them():
     assert all("ports" in r for r in single["ingress"])
 
 
+def test_example_deploys_the_env_service_wired_to_the_scheduler(rendered):
+    """A job with a task.environment works from `helm install -f <example>`: one env pod
+    (CPU image, no GPU), its Service, and the scheduler's --env-address on it."""
+    name, values, objects = rendered
+    assert values["env"]["enabled"] and values["env"]["replicas"] == 1, name
+    workload, spec = component(objects, "env")
+    assert workload["kind"] == "Deployment" and workload["spec"]["replicas"] == 1
+    (container,) = spec["containers"]
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    assert not container["image"].endswith(values["image"]["cudaSuffix"])
+    svc = find(objects, "Service", "rlfleet-env")
+    (grpc,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    (scheduler,) = component(objects, "scheduler")[1]["containers"]
+    assert flag(scheduler["args"], "--env-address") == f"rlfleet-env.rl.svc:{grpc['port']}"
+    policy = find(objects, "NetworkPolicy", "rlfleet-env")["spec"]
+    (grpc_rule,) = [
+        r for r in policy["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]
+    ]
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for p in grpc_rule["from"]] == ["scheduler"]  # fmt: skip
+
+
 def test_the_ranks_service_stays_out_of_the_service_monitor():
     values = {"metrics": {"serviceMonitor": {"enabled": True}}}
     objects = render(values)

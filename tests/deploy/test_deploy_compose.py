@@ -2,7 +2,8 @@
 rlfleet service's command loads into that service's settings, Prometheus scrapes each of them
 and Grafana is provisioned with the datasource and the dashboards; and the host-network
 override (deploy/compose.hostnet.yml) keeps every service on loopback, on its own port, wired
-to its peers. The stack itself runs in scripts/compose_smoke.sh (`make test` after pytest).
+to its peers, the env service (multi-turn episodes) included. The stack itself runs in
+scripts/compose_smoke.sh (`make test` after pytest), with a job through the env service.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import pytest
 import yaml
 from deploy_helpers import COMPOSE_FILE, DEPLOY, REPO, SERVICES, config_class, run_promtool
 
-RLFLEET_SERVICES = ("scheduler", "rollout-0", "rollout-1", "reward", "trainer", "weightsync")
+RLFLEET_SERVICES = ("scheduler", "rollout-0", "rollout-1", "reward", "env", "trainer", "weightsync")
+# Service kinds with a Prometheus job each (rlfleet-<kind>).
+SERVICE_KINDS = (*SERVICES, "env")
+# Services that use Redis: the env service keeps its episodes in memory.
+USES_REDIS = tuple(n for n in RLFLEET_SERVICES if n != "env")
 
 
 def _compose(docker_compose: str, *args: str) -> subprocess.CompletedProcess:
@@ -68,7 +73,12 @@ def test_service_command_loads_into_its_settings(compose, name, monkeypatch):
         monkeypatch.setenv(key, value)
     cfg = load_config(config_class(kind), command[1:])
     assert (cfg.host, cfg.port, cfg.metrics_port) == ("0.0.0.0", 50051, 9400)
-    assert cfg.redis_url == "redis://redis:6379/0"
+    if name in USES_REDIS:
+        assert cfg.redis_url == "redis://redis:6379/0"
+    else:  # no Redis URL, and it does not wait for Redis
+        assert "--redis-url" not in " ".join(command) and "redis" not in service.get(
+            "depends_on", {}
+        )
     # Hardened like the chart's pods.
     assert service["read_only"] is True
     assert service["user"] == "10001:10001"
@@ -87,10 +97,33 @@ def test_scheduler_knows_both_replicas_and_every_peer(compose):
         "trainer:50051",
         "weightsync:50051",
     )
+    # Jobs with a task.environment: the env service, by its name on the compose network.
+    assert cfg.env_address == "env:50051"
     needs = compose["services"]["scheduler"]["depends_on"]
     assert {n for n in needs if needs[n]["condition"] == "service_healthy"} >= set(
         RLFLEET_SERVICES[1:]
     )
+    assert needs["env"]["condition"] == "service_healthy"
+
+
+def test_env_service_runs_tool_code_hardened_like_reward(compose):
+    """The env service runs the model's tool calls in the reward service's code sandbox:
+    the same image, user, read-only root, tmpfs /tmp (the sandbox's work directories),
+    dropped capabilities and no-new-privileges as reward; nothing published on the host."""
+    from rlfleet.common.config import load_config
+
+    services = compose["services"]
+    env, reward = services["env"], services["reward"]
+    for key in ("image", "user", "read_only", "tmpfs", "cap_drop", "security_opt", "restart"):
+        assert env[key] == reward[key], key
+    assert "/tmp" in env["tmpfs"]
+    assert not env.get("ports"), "only the scheduler is published"
+    assert not env.get("privileged") and not env.get("cap_add")
+    assert set(env.get("networks") or {"default"}) & set(
+        services["scheduler"].get("networks") or {"default"}
+    )
+    cfg = load_config(config_class("env"), env["command"][1:])
+    assert cfg.log_format == "json"
 
 
 def test_scheduler_publishes_grpc_and_the_rest_api_on_loopback(compose):
@@ -130,9 +163,10 @@ def test_prometheus_scrapes_every_service_metrics_port(compose):
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
         for job in config["scrape_configs"]
     }
-    for service in SERVICES:
+    for service in SERVICE_KINDS:
         expected = [f"{n}:9400" for n in RLFLEET_SERVICES if _service_kind(n) == service]
         assert jobs[f"rlfleet-{service}"] == expected
+    assert jobs["rlfleet-env"] == ["env:9400"]
     mount = next(
         v for v in compose["services"]["prometheus"]["volumes"] if v["target"] == "/etc/prometheus"
     )
@@ -211,7 +245,8 @@ def test_hostnet_services_use_distinct_ports_and_find_each_other(hostnet):
     ports = [redis_port, 23090]
     for name, cfg in cfgs.items():
         assert cfg.host == "127.0.0.1", name
-        assert cfg.redis_url == f"redis://127.0.0.1:{redis_port}/0", name
+        if name in USES_REDIS:
+            assert cfg.redis_url == f"redis://127.0.0.1:{redis_port}/0", name
         ports += [cfg.port, cfg.metrics_port]
         # Health is checked on the service's own port, hardening kept from the base file.
         assert f"'127.0.0.1:{cfg.port}'" in services[name]["healthcheck"]["test"][-1], name
@@ -227,6 +262,7 @@ def test_hostnet_services_use_distinct_ports_and_find_each_other(hostnet):
         grpc["reward"],
         grpc["trainer"],
     )
+    assert scheduler.env_address == grpc["env"]
     for name in ("scheduler", "trainer", "rollout-0", "rollout-1"):
         assert cfgs[name].weightsync_address == grpc["weightsync"], name
     for name in ("rollout-0", "rollout-1"):
@@ -249,13 +285,43 @@ def test_hostnet_prometheus_scrapes_every_service_metrics_port(hostnet, promtool
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
         for job in config["scrape_configs"]
     }
-    for service in SERVICES:
+    for service in SERVICE_KINDS:
         expected = [
             f"127.0.0.1:{_hostnet_settings(hostnet, n).metrics_port}"
             for n in RLFLEET_SERVICES
             if _service_kind(n) == service
         ]
         assert jobs[f"rlfleet-{service}"] == expected
+
+
+def test_hostnet_header_table_lists_every_port(hostnet):
+    """The port table in compose.hostnet.yml's header is the one place people look up a
+    port: it names every rlfleet service with the gRPC and /metrics ports it gets."""
+    header = [line.lstrip("#").split() for line in HOSTNET_FILE.read_text().splitlines()]
+    table = {row[0]: row[1:3] for row in header if len(row) >= 3 and row[1].isdigit()}
+    for name in RLFLEET_SERVICES:
+        cfg = _hostnet_settings(hostnet, name)
+        assert table[name] == [str(cfg.port), str(cfg.metrics_port)], name
+
+
+def test_compose_smoke_checks_every_scrape_job_and_runs_an_environment_job():
+    """scripts/compose_smoke.sh wants every rlfleet-* job of prometheus.hostnet.yml up (with
+    its number of targets), and deploy/smoke.sh runs a job with a task.environment."""
+    config = yaml.safe_load(HOSTNET_PROMETHEUS.read_text())
+    jobs = {
+        job["job_name"]: sum(len(sc["targets"]) for sc in job["static_configs"])
+        for job in config["scrape_configs"]
+        if job["job_name"].startswith("rlfleet-")
+    }
+    text = SMOKE_SCRIPT.read_text()
+    want = text.split("want = {", 1)[1].split("}", 1)[0]
+    wanted = {
+        k.strip().strip('"'): int(v)
+        for k, v in (p.split(":") for p in want.split(",") if p.strip())
+    }
+    assert wanted == jobs
+    smoke = (DEPLOY / "smoke.sh").read_text()
+    assert "[task.environment]" in smoke and "env_turns_mean" in smoke
 
 
 def test_compose_smoke_script_is_valid_bash():

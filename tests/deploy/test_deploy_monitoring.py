@@ -25,6 +25,40 @@ def test_prometheus_config_is_valid(promtool):
     run_promtool(promtool, "check", "config", "prometheus.yml", cwd=DEPLOY / "prometheus")
 
 
+def _scrape_jobs(path: Path) -> dict[str, list[str]]:
+    config = yaml.safe_load(path.read_text())
+    return {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+
+
+def test_prometheus_scrapes_the_env_service_like_the_chart_does():
+    """The compose Prometheus (both variants) scrapes the env service as job="rlfleet-env",
+    the job the chart's ServiceMonitor gives it, so one set of rules covers both; the
+    service-down alert matches it."""
+    from deploy_helpers import by_kind, render
+
+    compose = _scrape_jobs(DEPLOY / "prometheus" / "prometheus.yml")
+    hostnet = _scrape_jobs(DEPLOY / "prometheus" / "prometheus.hostnet.yml")
+    assert compose["rlfleet-env"] == ["env:9400"]
+    assert len(hostnet["rlfleet-env"]) == 1
+    assert {j for j in compose if j.startswith("rlfleet-")} == {
+        j for j in hostnet if j.startswith("rlfleet-")
+    }
+    (sm,) = by_kind(render({"metrics": {"serviceMonitor": {"enabled": True}}}), "ServiceMonitor")
+    selected = sm["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert {f"rlfleet-{c}" for c in selected} == {j for j in compose if j.startswith("rlfleet-")}
+    (down,) = [r for r in _alerts() if r["alert"] == "RlfleetServiceDown"]
+    pattern = re.search(r'job=~"([^"]+)"', down["expr"]).group(1)
+    assert re.fullmatch(pattern, "rlfleet-env")
+
+
+def test_env_service_exports_its_metrics():
+    exported = _exported_metric_names()
+    assert {"rlfleet_env_episodes", "rlfleet_env_steps_total"} <= exported
+
+
 def test_alert_rules_are_valid(promtool):
     run_promtool(promtool, "check", "rules", str(RULES))
 

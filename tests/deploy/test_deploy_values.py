@@ -38,6 +38,9 @@ def test_shipped_values_file_matches_the_schema(path):
         ({"logFormat": "xml"}, "logFormat"),
         ({"weightsync": {"dataPort": 0}}, "dataPort"),  # a free port no Service can name
         ({"weightsync": {"dataPort": 70000}}, "dataPort"),
+        ({"env": {"replica": 1}}, "replica"),  # the env service's keys are checked too
+        ({"env": {"replicas": -1}}, "replicas"),
+        ({"env": {"enabled": "yes"}}, "enabled"),
     ],
 )
 def test_schema_refuses_bad_values(bad, where):
@@ -45,6 +48,22 @@ def test_schema_refuses_bad_values(bad, where):
     chart = helm.Chart.load(str(CHART))
     with pytest.raises(helm.HelmValuesError, match=where):
         chart.validate_schema(chart.merge_values(bad))
+
+
+def test_env_service_defaults_to_one_pod_and_says_why():
+    """The env service holds episodes in memory: one pod by default, and values.yaml says
+    so where `env.replicas` is set (the chart refuses more, templates/validate.yaml)."""
+    text = (CHART / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    assert values["env"]["enabled"] is True and values["env"]["replicas"] == 1
+    assert values["env"]["pdb"]["enabled"] is False
+    block = text.split("\nenv:\n", 1)[1].split("\n  replicas:", 1)[0]
+    comment = " ".join(line.strip("# ") for line in block.splitlines()[-6:])
+    assert "keep 1" in comment and "memory" in comment and "NOT_FOUND" in comment
+    assert "env" in SCHEMA["required"]
+    assert SCHEMA["properties"]["env"]["properties"].keys() == (
+        SCHEMA["properties"]["reward"]["properties"].keys()
+    )
 
 
 def _undocumented_keys(text: str) -> list[str]:

@@ -26,7 +26,7 @@ Names, labels and the pieces every workload shares. Templates pass a dict
 
 {{/* The services the chart runs, in start order. */}}
 {{- define "rlfleet.components" -}}
-weightsync reward trainer rollout scheduler
+weightsync reward env trainer rollout scheduler
 {{- end }}
 
 {{- define "rlfleet.labels" -}}
@@ -236,6 +236,11 @@ match), and `memory` (when given) as both the memory request and limit. */}}
 - {{ include "rlfleet.address" (dict "root" $root "name" "trainer") }}
 - --weightsync-address
 - {{ include "rlfleet.address" (dict "root" $root "name" "weightsync") }}
+{{- if $root.Values.env.enabled }}
+# Jobs with a task.environment play their episodes in the env service (one pod).
+- --env-address
+- {{ include "rlfleet.address" (dict "root" $root "name" "env") }}
+{{- end }}
 {{- else if eq $name "rollout" }}
 - --engine
 - {{ $root.Values.rollout.engine }}
@@ -397,7 +402,10 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       env:
+        {{- if ne $name "env" }}
+        {{- /* The env service keeps its episodes in memory and uses no Redis. */}}
         {{- include "rlfleet.redisEnv" . | trim | nindent 8 }}
+        {{- end }}
         {{- with include "rlfleet.componentEnv" . | trim }}{{ . | nindent 8 }}{{ end }}
         - name: HOME
           value: /home/rlfleet
@@ -928,6 +936,11 @@ Values that cannot work, refused with a sentence that names them (templates/vali
 {{- if and (not (include "rlfleet.sharedAccess" $modes)) (not $pinned) }}
 {{- fail (printf "model.download.persistence.accessModes %v cannot be shared by scheduler, rollout and trainer pods on several nodes: use ReadWriteMany, or pin those pods to one node (nodeSelector kubernetes.io/hostname)" $modes) }}
 {{- end }}
+{{- end }}
+{{- /* The env service: episodes live in its pod's memory, and its Service would send a Step to
+any pod. */}}
+{{- if and $v.env.enabled (gt (int $v.env.replicas) 1) }}
+{{- fail (printf "env.replicas is %d: the env service keeps each episode in the memory of the pod that reset it, and its Service would send the episode's Steps to any pod (the others answer NOT_FOUND); set env.replicas to 1 (one pod serves many episodes at once: raise env.config.max_episodes, env.config.grpc_workers or env.resources instead)" (int $v.env.replicas)) }}
 {{- end }}
 {{- /* Rollout: vLLM's tensor-parallel size is the replica's GPU count. */}}
 {{- $tp := index (default dict $v.rollout.config) "tensor_parallel_size" }}
