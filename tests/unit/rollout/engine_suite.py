@@ -224,6 +224,19 @@ def test_max_new_tokens_counts_the_prefix(engine):
     assert len(r.token_ids) <= 5 and r.token_ids[:3] == [7, 8, 9]
 
 
+def test_a_sequences_own_limit_overrides_the_calls(engine, reference_model):
+    """``SequenceRequest.max_new_tokens``: a multi-turn episode caps each turn at its
+    prefix plus one turn, whatever its batch-mates may take."""
+    prompt = PROMPTS[0]
+    want = ref_greedy(reference_model, prompt, 6)
+    capped = SeqRequest("capped", list(prompt), prefix_token_ids=want[:2],
+                        prefix_logprobs=[-1.0] * 2, prefix_versions=[0] * 2, max_new_tokens=4)  # fmt: skip
+    out = run(engine, [capped, SeqRequest("free", list(prompt))], greedy(6))
+    assert out["capped"].token_ids == want[:4]
+    assert (out["capped"].finished, out["capped"].finish_reason) == (True, "length")
+    assert out["free"].token_ids == want
+
+
 def test_abort_hands_back_partials(engine, reference_model):
     limit = 60
     longs = long_prompts(reference_model, limit, 2)
@@ -398,6 +411,7 @@ def test_generate_before_load_is_refused(make_engine):
         (SeqRequest("a", [1]), Sampling(max_new_tokens=4, top_p=1.5), "top_p"),
         (SeqRequest("a", [1]), Sampling(max_new_tokens=4, top_p=-0.1), "top_p"),
         (SeqRequest("a", [1]), greedy(0), "max_new_tokens"),
+        (SeqRequest("a", [1], max_new_tokens=-1), greedy(4), "max_new_tokens"),
         (SeqRequest("a", [1], [2, 3], [0.0], [0, 0]), greedy(4), "prefix_logprobs"),
         (SeqRequest("", [1]), greedy(4), "seq_id"),
     ],
