@@ -19,6 +19,12 @@ SFT 300 steps, RL 30 steps of 16 prompts x 8 episodes; run.py --seed 0, 1, 2):
   the assertion is only that it does not fall: last >= first). By hand, 80 RL steps go
   0.47 -> 0.70 (first and last five; docs/ENVIRONMENTS.md).
 
+Then a C3PO++ job on the same tool episodes from the SFT'd model (4 steps, a token
+budget far below a step's work): every trained sample, read from the experience stream
+as reward writes it, is checked token by token (the tool's replies masked with log-prob
+0 and version -1, the model's tokens carrying the version that sampled them, episodes
+carried across versions, the budget counting the model's tokens).
+
 The run is deterministic for a seed on one machine (the same seed gave the same figures
 twice), so this test (seed 0) sees the first of those figures.
 
@@ -36,6 +42,10 @@ from pathlib import Path
 
 import pytest
 from rlfleet_client import RlfleetClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+from fleet_samples import StreamTap  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +72,7 @@ prepare, run_stages, stage_specs, verdict = (
 CACHE = Path.home() / ".cache" / "rlfleet"
 SFT_STEPS = 300
 RL_STEPS = 30
+C3PO_STEPS = 4
 WINDOW = 10
 MIN_TOOL_CALL_RATE = 0.8
 MIN_REWARD_AFTER_SFT = 0.15
@@ -113,7 +124,61 @@ def test_calculator_sft_then_rl(fleet, tmp_path):
     # RL raises it (measured +0.08 to +0.11; asserted: not lower, see the docstring).
     assert result["reward_last"] >= result["reward_first"], result
     assert result["tool_call_rate_last"] >= MIN_TOOL_CALL_RATE, result
+
+    # C3PO++ across turns, the same tool episodes from the SFT'd model: a token budget far
+    # below a step's work carries episodes over, mid-turn and between turns. Every sample
+    # trained, read from the experience stream, token by token.
+    spec = {**rl_spec, "name": "agentic-c3po", "steps": C3PO_STEPS,
+            "model": {"from_job": sft.id},
+            "scheduling": {"mode": "c3po", "token_budget": 400, "pool_capacity": 64,
+                           "retention_limit": 4}}  # fmt: skip
+    job = client.submit(spec)
+    tap = StreamTap(info["redis_url"], job.id)
+    try:
+        job = client.wait(job.id, timeout=600)
+    finally:
+        tap.close()
+    assert job.state == "succeeded", job.reason
+    _check_tool_episodes(tap.samples, model, [r.metrics for r in client.steps(job.id)])
     client.close()
+
+
+def _check_tool_episodes(samples, model: Path, steps: list[dict]) -> None:
+    """Trained samples of a C3PO++ tool job: the environment's tokens (the tool's result
+    as the template renders it) masked, log-prob 0, version -1; the model's tokens with the
+    version that sampled them; episodes that crossed a version boundary; C counting the
+    model's tokens."""
+    from rlfleet.scheduler.samples import load_codec
+
+    codec = load_codec(str(model))
+    assert len({s.sample_id for s in samples}) == len(samples) > 0
+    assert [m["c3po_budget_used"] for m in steps] == [
+        float(sum(sum(s.loss_mask) for s in samples if s.step == i)) for i in range(len(steps))
+    ]
+    tool_replies, crossed = 0, 0
+    for s in samples:
+        mask, versions = list(s.loss_mask), list(s.token_versions)
+        assert len(mask) == len(versions) == len(s.completion_token_ids) == len(
+            s.inference_logprobs)  # fmt: skip
+        start = None
+        for i, (m, v, lp) in enumerate(zip(mask, versions, s.inference_logprobs, strict=True)):
+            assert (v >= 0 and lp < 0) if m else (v == -1 and lp == 0), (s.sample_id, i)
+            if not m and start is None:
+                start = i
+            if start is not None and (m or i == len(mask) - 1):
+                end = i if m else i + 1
+                text = codec.tokenizer.decode(s.completion_token_ids[start:end])
+                assert "[tool] " in text and text.endswith("[assistant]"), text
+                tool_replies += 1
+                start = None
+        model_versions = [v for v in versions if v >= 0]
+        crossed += model_versions[0] != model_versions[-1]
+    assert tool_replies >= len(samples) // 2, "the SFT'd model hardly called the calculator"
+    assert crossed > 0, "no trained episode crossed a version boundary"
+    print(
+        f"C3PO++ tool job: {len(samples)} episodes, {tool_replies} tool replies, "
+        f"{crossed} across versions"
+    )
 
 
 def test_transcripts_are_what_episodes_produce(tmp_path):

@@ -16,10 +16,15 @@ model did not sample. One trajectory is one sample:
   -1 for the environment's;
 - ``reward``: the environment's reward when the episode ends.
 
-An episode ends when the environment says so, at ``max_turns`` or at
-``max_total_tokens``. A model turn cut off at its token cap (``sampling.max_new_tokens``)
-without its end-of-turn token goes to the environment as it is, and the end-of-turn
-token is inserted before the reply as one of the environment's (masked) tokens.
+An episode ends when the environment says so, at ``max_turns``, or at
+``max_total_tokens`` and what the model's context leaves after the prompt. Each model
+turn is capped per sequence (``SequenceRequest.max_new_tokens``: the turn's start plus
+``sampling.max_new_tokens``); a turn cut off there without its end-of-turn token goes to
+the environment as it is, and the end-of-turn token is inserted before the reply as one
+of the environment's (masked) tokens.
+
+``EnvTurns`` is the env-service side both strategies share: this module's sync
+``EpisodeStrategy`` and C3PO++ across turns (``c3po/episodes.py``).
 
 The env service keeps episodes in memory. A restarted env service has lost them: the
 next call answers ``NOT_FOUND``, and the step's episodes are all played again under
