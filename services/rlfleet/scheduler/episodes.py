@@ -239,9 +239,15 @@ class EnvTurns:
         return TurnOutcome(False, "", env_ids, reward, calls)
 
     def close(self, episode_ids: list[str]) -> None:
-        for episode_id in episode_ids:
-            with contextlib.suppress(RlfleetError):  # a lost episode needs no closing
-                self.call("Close", "Close", env_pb2.CloseRequest(episode_id=episode_id))
+        close_episodes(self.clients, episode_ids, timeout_s=self.timeout_s)
+
+
+def close_episodes(clients: ServiceClients, episode_ids: list[str], *, timeout_s: float) -> None:
+    """Frees episodes in the env service; one it no longer holds needs no closing."""
+    for episode_id in episode_ids:
+        with contextlib.suppress(RlfleetError):
+            clients.env_call("Close", "Close", env_pb2.CloseRequest(episode_id=episode_id),
+                             timeout=timeout_s)  # fmt: skip
 
 
 def episode_metrics(episodes: list[tuple[int, int, str, list[int]]]) -> dict[str, float]:

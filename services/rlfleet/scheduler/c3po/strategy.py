@@ -16,7 +16,6 @@ Prompt serials come from the job's counter in P (not from the step number as in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from rlfleet.common.errors import RlfleetError
@@ -27,7 +26,7 @@ from rlfleet.scheduler.c3po.episodes import EpisodeBackend, EpisodeGroupSource
 from rlfleet.scheduler.c3po.grpc_backend import GrpcBackend
 from rlfleet.scheduler.c3po.pool import ENV_VERSION, Group, Rollout
 from rlfleet.scheduler.c3po.store import C3poStore, SavedState
-from rlfleet.scheduler.episodes import EnvTurns, episode_metrics
+from rlfleet.scheduler.episodes import EnvTurns, close_episodes, episode_metrics
 from rlfleet.scheduler.pool import ReplicaPool
 from rlfleet.scheduler.samples import TextCodec, sample_id
 from rlfleet.scheduler.strategy import (
@@ -37,7 +36,7 @@ from rlfleet.scheduler.strategy import (
     rollout_metrics,
     sampling_params,
 )
-from rlfleet.v1 import common_pb2, env_pb2
+from rlfleet.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +240,6 @@ class C3poStrategy(RolloutStrategy):
                 self._state.pool.unfinished,
             )
         if self._state is not None and self._job == job_id and self.clients is not None:
-            for episode_id in episode_ids(list(self._state.pool)):
-                with contextlib.suppress(RlfleetError):
-                    self.clients.env_call("Close", "Close",
-                                          env_pb2.CloseRequest(episode_id=episode_id), timeout=30)  # fmt: skip
+            close_episodes(self.clients, episode_ids(list(self._state.pool)), timeout_s=30.0)
         self.store.delete(job_id)
         self._state = None
