@@ -433,6 +433,10 @@ class WeightsSpec(_Spec):
     group_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """How long the trainer waits for the replicas to join, or for one broadcast, before it
     gives the group up (the version still reaches them from weight-sync)."""
+    publish_in_background: bool = True
+    """collective: when the group reaches every replica in use, TrainStep returns once the
+    version is broadcast and weight-sync receives it while the next step runs
+    (docs/WEIGHTS.md); false: every version reaches weight-sync before TrainStep returns."""
 
 
 class ResourcesSpec(_Spec):

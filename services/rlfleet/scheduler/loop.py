@@ -198,7 +198,9 @@ class JobRunner:
             self._check(job_id, ctx.stop)
             with _phase("train", timings):
                 self.weight_groups.ensure(job_id, spec)
-                background = self.weight_groups.covers(job_id, spec)
+                background = spec.weights.publish_in_background and self.weight_groups.covers(
+                    job_id, spec
+                )
                 trained = self.clients.train_step(job_id, step, len(rollout.samples),
                                                   background=background)  # fmt: skip
                 self.weight_groups.after_step(job_id, dict(trained.metrics))
