@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import _common
+from _c3po_real import run_job
 
 MODEL = {"vocab_size": 512, "hidden_size": 512, "num_layers": 8, "num_heads": 8}
 MODES = ("foreground", "background")
@@ -46,27 +47,6 @@ def job_spec(model_path: Path, *, background: bool, steps: int, seed: int) -> di
         "steps": steps,
         "seed": seed,
     }  # fmt: skip
-
-
-def run_job(client, fleet, spec: dict, *, timeout_s: float) -> list[dict]:
-    from rlfleet.cli.scheduler_client import TERMINAL_STATES
-
-    t0 = time.monotonic()
-    job = client.submit(spec)
-    while job.state not in TERMINAL_STATES:
-        if fleet.dead():
-            raise SystemExit(f"error: {', '.join(fleet.dead())} exited; see the fleet's logs")
-        if time.monotonic() - t0 > timeout_s:
-            client.cancel(job.job_id)
-            raise SystemExit(f"error: job {job.job_id} ran past {timeout_s:.0f}s")
-        time.sleep(0.3)
-        job = client.get(job.job_id)
-    if job.state != "succeeded":
-        raise SystemExit(f"error: job {job.job_id} {job.state}: {job.reason}")
-    records = [dict(r.metrics) for r in client.steps(job.job_id)]
-    print(f"  {spec['name']:<26} {len(records)} steps in {time.monotonic() - t0:.0f}s "
-          f"({_common.load_note()})")  # fmt: skip
-    return records
 
 
 def summarise(records: list[dict], *, warmup: int) -> dict:
@@ -138,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<11} {r['step_s']:7.3f}  {r['train_s']:7.3f}  {r['rollout_s']:8.3f}  "
               f"{r['sync_s']:6.3f}  {r['bg_frac']:13.2f}  {r['broadcast_frac']:9.2f}")  # fmt: skip
     saved = fg["train_s"] - bg["train_s"]
-    print(f"train phase: {fg['train_s']:.3f}s -> {bg['train_s']:.3f}s ({saved * 1000:+.0f} ms "
-          f"taken off TrainStep); step time foreground / background = {ratio:.3f} "
+    print(f"train phase: {fg['train_s']:.3f}s -> {bg['train_s']:.3f}s (TrainStep "
+          f"{-saved * 1000:+.0f} ms); step time foreground / background = {ratio:.3f} "
           f"(per seed: {', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
     met = ratio >= 1.0
     if met:
         print(f"verdict: met (step time ratio {ratio:.3f} >= 1.0, margin {ratio - 1:.3f})")
     else:
+        phases = ", ".join(f"{p} {(bg[f'{p}_s'] - fg[f'{p}_s']) * 1000:+.0f} ms"
+                           for p in ("train", "rollout", "sync"))  # fmt: skip
         print(f"verdict: missed (step time ratio {ratio:.3f} < 1.0, short by {1 - ratio:.3f}); "
-              f"rollout {fg['rollout_s']:.3f}s -> {bg['rollout_s']:.3f}s: the background push "
-              "shares the cores with the next step's rollout")  # fmt: skip
+              f"where the time goes, background - foreground per step: {phases} (the push "
+              "shares the cores with the replicas' swap and the next rollout)")  # fmt: skip
     _common.write_json(args.json, _common.report(
         "weight_publish", quick=args.quick, started=started, params=params, steps=steps,
         seeds=seeds, foreground=fg, background=bg, per_seed=runs, step_ratio=ratio,

@@ -163,37 +163,16 @@ def _build_model(out: Path, texts: list[str], s: dict) -> None:
     Llama 3's do: "874" is the same three tokens after a space or a quote, so copying a
     number is copying digits) and a randomly initialised Llama."""
     import torch
-    from rlfleet.common.tinymodel import BOS, EOS, PAD
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from rlfleet.common.tinymodel import BOS, EOS, PAD, llama_config, train_tokenizer
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=s["vocab_size"], special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))  # fmt: skip
+    tok = train_tokenizer(texts, vocab_size=s["vocab_size"], split_digits=True)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                      pad_token=PAD, chat_template=s["template"])  # fmt: skip
     hf_tok.save_pretrained(out)
     torch.manual_seed(s["seed"])
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["hidden_size"] * 4,
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_heads"],
-        max_position_embeddings=s["max_positions"],
-        bos_token_id=tok.token_to_id(BOS),
-        eos_token_id=tok.token_to_id(EOS),
-        pad_token_id=tok.token_to_id(PAD),
-        tie_word_embeddings=True,
-    )
+    config = llama_config(tok, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+                          num_heads=s["num_heads"], max_positions=s["max_positions"])  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 

@@ -1,17 +1,26 @@
 """Helpers of the fleet tests that check trained samples token by token: a model whose
-completions vary in length, a tap on a job's experience stream, a version pulled back
-from weight-sync, and a sample's log-probs recomputed under given weights."""
+completions vary in length, a job run with a tap on its experience stream, and every
+sample's log-probs recomputed under the versions its tokens record (pulled back from
+weight-sync)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import redis
 from rlfleet.common.grpc_client import make_channel
 from rlfleet.common.weights import assemble, decode_state_dict
-from rlfleet.v1 import common_pb2, weightsync_pb2, weightsync_pb2_grpc
+from rlfleet.v1 import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    weightsync_pb2,
+    weightsync_pb2_grpc,
+)
 
 
 def varied_model(tiny_model_dir: Path, out: Path) -> Path:
@@ -81,3 +90,42 @@ def sample_logprobs(model, sample) -> list[float]:
         logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1)
     return logp[torch.arange(len(completion)), torch.tensor(completion)].tolist()
+
+
+def run_tapped(scheduler_address: str, redis_url: str, spec: dict, *, timeout_s: float = 500.0):
+    """Submits ``spec`` and reads its experience stream until the job ends; returns (the
+    job, its step records, every sample reward wrote)."""
+    with make_channel(scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
+        tap = StreamTap(redis_url, job.job_id)
+        try:
+            end = time.monotonic() + timeout_s
+            while job.state not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < end, f"job still {job.state} at step {job.current_step}"
+                time.sleep(0.5)
+                job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+            time.sleep(0.5)  # the last entries reach the tap
+        finally:
+            tap.close()
+        steps = stub.GetSteps(scheduler_pb2.GetStepsRequest(job_id=job.job_id), timeout=10).steps
+    return job, steps, tap.samples
+
+
+def logprobs_under_versions(model_dir: Path, ws_address: str, job_id: str, samples) -> dict:
+    """{(sample_id, version): the log-prob of every completion token under that version's
+    weights}, for each policy version any of ``samples``' tokens records (version 0 is the
+    base model: PullVersion's 0 means "the newest")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out: dict[tuple[str, int], list[float]] = {}
+    for version in sorted({v for s in samples for v in s.token_versions if v >= 0}):
+        state = base.state_dict() if version == 0 else pull_version(ws_address, job_id, version)
+        model.load_state_dict(state, strict=False)
+        for s in samples:
+            out[(s.sample_id, version)] = sample_logprobs(model, s)
+    return out

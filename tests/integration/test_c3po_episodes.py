@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from rlfleet.common.grpc_client import make_channel
 from rlfleet.scheduler.episodes import ENV_VERSION, _renderer
 from rlfleet.scheduler.samples import load_codec
-from rlfleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet_samples import StreamTap, pull_version, sample_logprobs, varied_model  # noqa: E402
+from fleet_samples import logprobs_under_versions, run_tapped, varied_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -115,23 +112,8 @@ def test_episodes_carried_over_keep_their_masks_and_versions(fleet, redis_url, c
         "steps": STEPS,
         "seed": 5,
     }  # fmt: skip
-    with make_channel(fleet["scheduler"].address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
-        tap = StreamTap(redis_url, job.job_id)
-        try:
-            end = time.monotonic() + 500
-            while job.state not in ("succeeded", "failed", "cancelled"):
-                assert time.monotonic() < end, f"job still {job.state} at step {job.current_step}"
-                time.sleep(0.5)
-                job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
-            time.sleep(0.5)
-        finally:
-            tap.close()
-        assert job.state == "succeeded", job.reason
-        steps = stub.GetSteps(scheduler_pb2.GetStepsRequest(job_id=job.job_id), timeout=10).steps
-
-    samples = tap.samples
+    job, steps, samples = run_tapped(fleet["scheduler"].address, redis_url, spec)
+    assert job.state == "succeeded", job.reason
     assert len({s.sample_id for s in samples}) == len(samples), "a sample was written twice"
     by_step: dict[int, list] = {}
     for s in samples:
@@ -180,20 +162,8 @@ def test_episodes_carried_over_keep_their_masks_and_versions(fleet, redis_url, c
           f"{len(crossed)} across versions ({len(crossed_mid_turn)} within a turn)")  # fmt: skip
 
     # Each model token's log-prob, recomputed under the version it is recorded with.
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    base = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(chat_model), dtype=torch.float32)
-    model.eval()
-    recomputed: dict[tuple[str, int], list[float]] = {}
-    for version in sorted({v for s in crossed for v in s.token_versions if v >= 0}):
-        state = base.state_dict() if version == 0 else pull_version(
-            fleet["weightsync"].address, job.job_id, version)  # fmt: skip
-        model.load_state_dict(state, strict=False)
-        for s in crossed:
-            recomputed[(s.sample_id, version)] = sample_logprobs(model, s)
+    recomputed = logprobs_under_versions(chat_model, fleet["weightsync"].address, job.job_id,
+                                         crossed)  # fmt: skip
     for s in crossed:
         for i, (v, lp) in enumerate(zip(s.token_versions, s.inference_logprobs, strict=True)):
             if v >= 0:

@@ -13,19 +13,15 @@ neighbouring version must give a different one.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from rlfleet.common.grpc_client import make_channel
-from rlfleet.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet_samples import StreamTap, pull_version, sample_logprobs, varied_model  # noqa: E402
+from fleet_samples import logprobs_under_versions, run_tapped, varied_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -107,23 +103,8 @@ def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, 
         "steps": STEPS,
         "seed": 3,
     }
-    with make_channel(fleet["scheduler"].address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
-        tap = StreamTap(redis_url, job.job_id)
-        try:
-            end = time.monotonic() + 500
-            while job.state not in ("succeeded", "failed", "cancelled"):
-                assert time.monotonic() < end, f"job still {job.state} at step {job.current_step}"
-                time.sleep(0.5)
-                job = stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
-            time.sleep(0.5)
-        finally:
-            tap.close()
-        assert job.state == "succeeded", job.reason
-        steps = stub.GetSteps(scheduler_pb2.GetStepsRequest(job_id=job.job_id), timeout=10).steps
-
-    samples = tap.samples
+    job, steps, samples = run_tapped(fleet["scheduler"].address, redis_url, spec)
+    assert job.state == "succeeded", job.reason
     by_step: dict[int, list] = {}
     for s in samples:
         by_step.setdefault(s.step, []).append(s)
@@ -156,24 +137,9 @@ def test_carried_rollouts_keep_the_versions_that_sampled_them(fleet, redis_url, 
     assert crossed, "no trained sample crossed a version boundary"
 
     # Each token's log-prob, recomputed under the version it is recorded with.
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    base = AutoModelForCausalLM.from_pretrained(str(varied_model_dir), dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(varied_model_dir), dtype=torch.float32)
-    model.eval()
-    recomputed: dict[tuple[str, int], list[float]] = {}
-    for version in sorted({v for s in crossed for v in s.token_versions}):
-        # Version 0 is the base model (PullVersion's 0 means "the newest").
-        state = (
-            base.state_dict()
-            if version == 0
-            else pull_version(fleet["weightsync"].address, job.job_id, version)
-        )
-        model.load_state_dict(state, strict=False)
-        for s in crossed:
-            recomputed[(s.sample_id, version)] = sample_logprobs(model, s)
+    recomputed = logprobs_under_versions(
+        varied_model_dir, fleet["weightsync"].address, job.job_id, crossed
+    )
     for s in crossed:
         versions = list(s.token_versions)
         for i, v in enumerate(versions):

@@ -207,25 +207,14 @@ def _warm_start(tok, s: dict[str, Any], say: Progress):
     """
     import reasoning_gym
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from rlfleet.common.tinymodel import BOS, EOS, PAD
+    from rlfleet.common.tinymodel import EOS, PAD, llama_config
 
     eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
     torch.manual_seed(s["seed"])
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["hidden_size"] * 4,
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_heads"],
-        max_position_embeddings=s["max_positions"],
-        bos_token_id=tok.token_to_id(BOS),
-        eos_token_id=eos,
-        pad_token_id=pad,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(tok, hidden_size=s["hidden_size"], num_layers=s["num_layers"],
+                          num_heads=s["num_heads"], max_positions=s["max_positions"])  # fmt: skip
     model = LlamaForCausalLM(config)
     model.train()
 

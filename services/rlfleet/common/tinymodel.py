@@ -14,11 +14,18 @@ from pathlib import Path
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512):
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, split_digits: bool = False):
+    """``split_digits``: numbers become single digits (as Qwen's and Llama 3's tokenizers
+    do), so "874" is the same three tokens wherever it stands."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -29,6 +36,26 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def llama_config(tok, *, hidden_size: int, num_layers: int, num_heads: int, max_positions: int):
+    """A small Llama's config for a tokenizer of ``train_tokenizer`` (tied embeddings,
+    MLP 4x wide, no grouped-query attention)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.token_to_id(BOS),
+        eos_token_id=tok.token_to_id(EOS),
+        pad_token_id=tok.token_to_id(PAD),
+        tie_word_embeddings=True,
+    )
 
 
 def arithmetic_corpus(n: int = 4000, *, seed: int = 0) -> list[str]:
@@ -54,7 +81,7 @@ def build_tiny_model(
 ) -> Path:
     """Writes a randomly initialised Llama-style model and its tokenizer to ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,19 +93,8 @@ def build_tiny_model(
     )
     hf_tok.save_pretrained(out)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tok.token_to_id(BOS),
-        eos_token_id=tok.token_to_id(EOS),
-        pad_token_id=tok.token_to_id(PAD),
-        tie_word_embeddings=True,
-    )
+    config = llama_config(tok, hidden_size=hidden_size, num_layers=num_layers,
+                          num_heads=num_heads, max_positions=max_positions)  # fmt: skip
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     (out / "rlfleet_model.json").write_text(

@@ -86,8 +86,9 @@ class ServiceClients:
             "trainer",
             f"TrainStep(step={step})",
             self.trainer.TrainStep,
-            trainer_pb2.TrainStepRequest(job_id=job_id, step=step, num_samples=num_samples,
-                                         publish_in_background=background),  # fmt: skip
+            trainer_pb2.TrainStepRequest(
+                job_id=job_id, step=step, num_samples=num_samples, publish_in_background=background
+            ),  # fmt: skip
             timeout=self.timeouts.train,
         )
 

@@ -145,6 +145,7 @@ def _renderer(model_path: str, codec: TextCodec) -> ChatRenderer:
     return ChatRenderer(model_path, codec)
 
 
+@functools.lru_cache(maxsize=8)
 def model_context(model_path: str) -> int | None:
     """The model's position limit (``max_position_embeddings`` in its config.json), if it
     says; an episode must fit in it with its prompt, or the replicas refuse the prefix."""

@@ -76,8 +76,10 @@ def test_masked_transcript_tokens_neither_carry_loss_nor_count_in_n(model):
     m = copy.deepcopy(model)
     out = sft_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples,
                      spec=_spec(micro_batch_size=4), step=0, device=torch.device("cpu"), pad_id=0)  # fmt: skip
-    assert out["tokens"] == sum(sum(s.loss_mask) for s in samples) < sum(
-        len(s.completion_ids) for s in samples
+    assert (
+        out["tokens"]
+        == sum(sum(s.loss_mask) for s in samples)
+        < sum(len(s.completion_ids) for s in samples)
     )
     assert abs(out["sft_loss"] - _reference_nll(model, samples)) < 1e-5
 
