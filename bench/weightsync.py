@@ -25,6 +25,10 @@ verifying the checksum; timed from the first byte until the last receiver holds 
 version. ``--json`` adds ``{"collective": {"s_k1", "s_k4", "frac_of_loopback_k1",
 "vs_tcp_path_k4"}}`` at the largest size run with K = 4; frac_of_loopback_k1 there is
 raw TCP's seconds for one receiver over the group's (one hop each).
+``--group-backend nccl`` (a machine with K + 1 GPUs) runs the group over NCCL instead:
+the trainer side on cuda:0 and receiver k on cuda:k, each staging the bytes through a
+bucket on its GPU (host payload in, host payload out, checksum verified as on gloo);
+the K a machine has too few GPUs for are skipped and say so.
 Push time includes the checksum (xxh3-128) the trainer computes for each push.
 
 The baseline, in the same run and on the same payload size: one sender process
@@ -115,14 +119,16 @@ def tcp_receiver_main(port: int, nbytes: int) -> None:
     print(json.dumps({"cpu": time.process_time() - cpu}), flush=True)
 
 
-def group_receiver_main(port: int, world: int, generation: int, rank: int, nbytes: int) -> None:
+def group_receiver_main(port: int, world: int, generation: int, rank: int, nbytes: int,
+                        backend: str) -> None:  # fmt: skip
     """A replica's end of the weight group: joins, receives one version, verifies it."""
     from rlfleet.common.weight_group import GroupAddress, WeightReceiver
 
     buf = bytearray(nbytes)  # allocated before the clock starts, as raw TCP's receivers are
-    address = GroupAddress("127.0.0.1", port, world, generation)
+    address = GroupAddress("127.0.0.1", port, world, generation, backend)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     receiver = WeightReceiver(address, rank, job_id="bench", alloc=lambda n: buf,
-                              release=lambda b: None)  # fmt: skip
+                              release=lambda b: None, device=device)  # fmt: skip
     cpu = time.process_time()
     while (got := receiver.take("bench", 1)) is None:
         if receiver.broken:
@@ -180,7 +186,8 @@ def raw_tcp(payload: bytes, k: int) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- weight group
-def collective(payload: bytearray, k: int, *, bucket_bytes: int = 512 << 20) -> tuple[float, float]:
+def collective(payload: bytearray, k: int, *, backend: str = "gloo",
+               bucket_bytes: int = 512 << 20) -> tuple[float, float]:  # fmt: skip
     """(seconds from the trainer's first byte until all K replicas hold the version, verified;
     CPU seconds of all members), over the weight group: the trainer broadcasts the payload in
     buckets, then its checksum (what ``trainer/job.py`` does while it gathers)."""
@@ -188,10 +195,12 @@ def collective(payload: bytearray, k: int, *, bucket_bytes: int = 512 << 20) -> 
     from rlfleet.common.weight_group import GroupAddress, WeightSender
     from rlfleet.common.weights import checksum_of
 
-    address = GroupAddress("127.0.0.1", free_port(), k + 1, time.time_ns())
-    sender = WeightSender(address, timeout_s=600)
+    address = GroupAddress("127.0.0.1", free_port(), k + 1, time.time_ns(), backend)
+    sender = WeightSender(address, timeout_s=600,
+                          device="cuda:0" if backend == "nccl" else "cpu")  # fmt: skip
     procs = [_spawn(["--group-receiver", str(address.port), str(k + 1), str(address.generation),
-                     str(rank), str(len(payload))]) for rank in range(1, k + 1)]  # fmt: skip
+                     str(rank), str(len(payload)), backend])
+             for rank in range(1, k + 1)]  # fmt: skip
     try:
         if not sender.usable:
             raise RuntimeError(f"weight group did not form: {sender.broken}")
@@ -266,6 +275,7 @@ def run_size(
     tmp: Path,
     max_mb: int,
     style: str,
+    group_backend: str = "gloo",
 ) -> dict:
     from rlfleet.common.procs import start_service
     from rlfleet.common.weight_transport import BufferPool
@@ -296,7 +306,11 @@ def run_size(
     group, group_cpu = {}, {}
     writable = bytearray(payload)
     for k in [k for k in ks if k <= 4]:
-        group[k], group_cpu[k] = min(collective(writable, k) for _ in range(repeats))
+        if group_backend == "nccl" and k + 1 > gpu_count():
+            print(f"  nccl group at K = {k}: skipped, needs {k + 1} GPUs ({gpu_count()} here)")
+            continue
+        group[k], group_cpu[k] = min(collective(writable, k, backend=group_backend)
+                                     for _ in range(repeats))  # fmt: skip
     del writable
 
     run_dir = tmp / f"ws-{params}-{dtype}"
@@ -420,6 +434,12 @@ def run_size(
     }
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.distributed.is_nccl_available() else 0
+
+
 def mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -445,11 +465,17 @@ def main(argv: list[str] | None = None) -> int:
         tcp_receiver_main(int(argv[1]), int(argv[2]))
         return 0
     if argv[:1] == ["--group-receiver"]:
-        group_receiver_main(*(int(a) for a in argv[1:6]))
+        group_receiver_main(*(int(a) for a in argv[1:6]), argv[6])
         return 0
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=0, help="K=1 runs per size (best is kept)")
     p.add_argument("--max-params", type=float, default=0, help="skip sizes above this")
+    p.add_argument(
+        "--group-backend",
+        choices=["gloo", "nccl"],
+        default="gloo",
+        help="the weight group's backend (nccl: trainer on cuda:0, replica k on cuda:k)",
+    )
     args = p.parse_args(argv)
     started = time.monotonic()
     if args.quick:
@@ -478,7 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipping {params / 1e6:.0f}M {dtype}: not enough free memory")
                 continue
             r = run_size(
-                params, dtype, ks, repeats=repeats, tmp=Path(tmp), max_mb=max_mb, style=style
+                params,
+                dtype,
+                ks,
+                repeats=repeats,
+                tmp=Path(tmp),
+                max_mb=max_mb,
+                style=style,
+                group_backend=args.group_backend,
             )
             results.append(r)
             print(
@@ -542,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
          r["collective_vs_tcp_path"][k]]
         for r in results for k in r["collective_s"]
     ]  # fmt: skip
-    print("time from the trainer's first byte until all K replicas hold the version:")
+    print(f"time from the trainer's first byte until all K replicas hold the version "
+          f"(weight group over {args.group_backend}):")  # fmt: skip
     print(_common.table(["params", "dtype", "K", "GB", "raw TCP s", "TCP path s",
                          "collective s", "raw/coll", "tcp/coll"], group_rows))  # fmt: skip
     with_k4 = [r for r in results if "4" in r["collective_s"]]
@@ -550,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     collective_summary = None
     if g_head:
         collective_summary = {
-            "params": g_head["params"], "dtype": g_head["dtype"],
+            "params": g_head["params"], "dtype": g_head["dtype"], "backend": args.group_backend,
             "s_k1": round(g_head["collective_s"]["1"], 4),
             "s_k4": round(g_head["collective_s"]["4"], 4),
             "frac_of_loopback_k1": round(g_head["collective_frac_of_loopback"]["1"], 4),

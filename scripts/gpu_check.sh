@@ -6,6 +6,10 @@
 #   - bf16 compute with fp32 master weights on CUDA (same file)
 #   - chunked log-probs on CUDA: values and peak memory against full logits (same file)
 #   - the CUDA PyTorch rollout engine: the shared engine suite (tests/unit/rollout/test_torch_engine_cuda.py)
+#   - the weight group's GPU paths (tests/unit/common/test_weight_group_cuda.py): staging
+#     through a GPU bucket (gloo on CUDA tensors, one GPU); an nccl group trainer → replica
+#     and a replica killed mid-version (two GPUs or more: NCCL refuses two ranks on one
+#     device, so one GPU prints these as SKIP); a CUDA replica joining an nccl group
 # vLLM's CUDA wheel is not installed by this script (too large to carry to a lent machine).
 #
 #   scripts/gpu_check.sh            # uses .venv (scripts/install.sh) or $PYTHON
@@ -22,6 +26,7 @@ PY
 report=$(mktemp)
 timeout 480 "$python" -m pytest -m gpu -rA -q -p no:cacheprovider \
   tests/unit/trainer/test_trainer_cuda.py tests/unit/rollout/test_torch_engine_cuda.py \
+  tests/unit/common/test_weight_group_cuda.py \
   > "$report" 2>&1
 status=$?
 grep -E '^(PASSED|FAILED|ERROR|SKIPPED)' "$report" | sed -E 's/^PASSED/PASS/; s/^(FAILED|ERROR)/FAIL/; s/^SKIPPED/SKIP/'

@@ -464,7 +464,12 @@ def test_a_broadcast_version_reaches_weightsync_in_the_background_and_a_crash_re
                  weights={"transport": "collective", "group_timeout_s": 60})  # fmt: skip
     core = core_with(publisher)
     core.init_job(job, spec)
+    # On the CPU the group is gloo; nccl is refused with a sentence; world size 0 closes it.
+    with pytest.raises(FailedPrecondition, match="trains on cpu; an nccl weight group needs"):
+        core.open_weight_group(job, 2, "nccl")
+    assert core.open_weight_group(job, 0) is None and core.jobs[job]._sender is None
     address = core.open_weight_group(job, 2)
+    assert address.backend == "gloo"
     replica = WeightReceiver(address, 1, job_id=job, alloc=bytearray, release=lambda _: None)
     try:
         buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=8))

@@ -430,6 +430,9 @@ class WeightsSpec(_Spec):
     collective: the trainer also broadcasts it over a process group of the job's
     replicas while it gathers it (``common/weight_group.py``), and weight-sync serves only
     those that missed it (a late joiner, a broken group)."""
+    group_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """collective: the group's backend. auto: nccl when the trainer trains on a GPU, else
+    gloo. A replica whose engine has no GPU refuses an nccl group and takes the TCP path."""
     group_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """How long the trainer waits for the replicas to join, or for one broadcast, before it
     gives the group up (the version still reaches them from weight-sync)."""
@@ -437,6 +440,15 @@ class WeightsSpec(_Spec):
     """collective: when the group reaches every replica in use, TrainStep returns once the
     version is broadcast and weight-sync receives it while the next step runs
     (docs/WEIGHTS.md); false: every version reaches weight-sync before TrainStep returns."""
+
+    @model_validator(mode="after")
+    def _backend_needs_a_group(self) -> WeightsSpec:
+        if self.group_backend != "auto" and self.transport != "collective":
+            raise ValueError(
+                f"weights.group_backend {self.group_backend!r} applies to a weight group; "
+                'set weights.transport to "collective" or leave group_backend out'
+            )
+        return self
 
 
 class ResourcesSpec(_Spec):

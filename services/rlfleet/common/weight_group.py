@@ -14,9 +14,21 @@ them through the same path as a pulled version. Only a version received whole an
 verified is handed over; a broken group (a member died, a timeout) is dropped by both
 sides, and the TCP path, which every version still takes, serves instead.
 
+Backends (``GroupAddress.backend``): ``gloo`` for members on CPUs, ``nccl`` for members
+on GPUs (each on a distinct one). Bytes go in chunks of the sender's ``chunk_bytes``,
+announced as a version begins, so every member broadcasts the same pieces. A member on
+the CPU moves each chunk in place (zero copy); a member on a GPU passes it through one
+staging bucket on its device (host → bucket → broadcast on the sender, broadcast →
+bucket → host on a receiver), so GPU memory stays bounded whatever the model size, and
+the host payload, its checksum and the load path stay those of the TCP path. The
+staging also runs on the CPU when a test asks for it (``staged=True``), and over gloo
+on CUDA tensors on a one-GPU machine (scripts/gpu_check.sh). NCCL's own failure handling would tear the
+whole process down on a timeout; the group is built with blocking waits instead, so a
+dead member surfaces as an exception here, as with gloo, and only the group is dropped.
+
 Messages, each a broadcast from rank 0: a control tensor of four int64
 ``[kind, a, b, c]``, then for a range its bytes. Kinds: a version begins (a = version,
-b = payload bytes), a range follows (a = start, b = end), the version ends (a = checksum
+b = payload bytes, c = chunk bytes), a range follows (a = start, b = end), the version ends (a = checksum
 length; the checksum follows as bytes), the version is abandoned.
 
 The sender logs "weight group G: broadcasting version N" as a version begins.
@@ -47,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 BEGIN, RANGE, END, ABANDON = 1, 2, 3, 4
 _CHECKSUM_BYTES = 256
+BACKENDS = ("gloo", "nccl")
+CHUNK_BYTES = 64 << 20
+"""Bytes per broadcast: the size of a staging bucket on a member's device (one each)."""
 PAUSE_ENV = "RLFLEET_WEIGHT_GROUP_PAUSE_S"
 """Fault-injection knob (tests only): seconds the sender sleeps between ranges."""
 
@@ -59,19 +74,49 @@ class GroupAddress:
     port: int
     world_size: int
     generation: int
-    backend: str = "gloo"
+    backend: str = "gloo"  # one of BACKENDS
+
+
+_NCCL_ENV = threading.Lock()  # NCCL reads its failure handling from the environment
 
 
 def _connect(address: GroupAddress, rank: int, timeout_s: float) -> dist.ProcessGroup:
     """Joins the group (blocks until every member has): rank 0 serves the store."""
+    if address.backend not in BACKENDS:
+        raise ValueError(f"weight group backend {address.backend!r} is not supported; use "
+                         f"one of {', '.join(BACKENDS)}")  # fmt: skip
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(address.host, address.port, address.world_size, is_master=rank == 0,
                           timeout=timeout, wait_for_workers=False)  # fmt: skip
     prefixed = dist.PrefixStore(f"rlfleet-weights/{address.generation}", store)
-    if address.backend != "gloo":
-        raise ValueError(f"weight group backend {address.backend!r} is not supported; use gloo")
     # The prefix store holds the TCPStore (rank 0: its server) for as long as the group.
-    return dist.ProcessGroupGloo(prefixed, rank, address.world_size, timeout)
+    if address.backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, address.world_size, timeout)
+    return _nccl_group(prefixed, rank, address.world_size, timeout)
+
+
+def _nccl_group(store: dist.Store, rank: int, world_size: int,
+                timeout: timedelta) -> dist.ProcessGroup:  # fmt: skip
+    """An NCCL group whose failures raise in the waiting thread: by default NCCL's
+    watchdog ends the whole process when a member dies, which must not happen to the
+    trainer (or a replica) over a group that is only a shortcut. Each group reads these
+    settings once, as it is built; the job's own training group keeps its own."""
+    if not dist.is_nccl_available():
+        raise RuntimeError("this torch build has no NCCL; use the gloo weight group")
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    overrides = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+    with _NCCL_ENV:
+        saved = {k: os.environ.get(k) for k in overrides}
+        os.environ.update(overrides)
+        try:
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
@@ -87,6 +132,58 @@ def _bytes_of(buf: Buffer, start: int, end: int) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=start)
 
 
+class _Wire:
+    """One member's end of the group's messages, on its device: control tensors, and a
+    payload's bytes in pieces of ``chunk_bytes`` (the sender's, announced with each
+    version: every member must broadcast the same pieces), each moved in place (CPU) or
+    through a staging bucket on the device."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, *, staged: bool,
+                 chunk_bytes: int) -> None:  # fmt: skip
+        self.group, self.device = group, device
+        self.staged, self.chunk_bytes = staged, chunk_bytes
+        self._bucket: torch.Tensor | None = None  # made at the first staged piece, kept
+
+    def control(self, values: list[int] | None = None) -> list[int]:
+        """Rank 0 sends ``values`` (four ints); the others receive them."""
+        t = torch.tensor(values or [0, 0, 0, 0], dtype=torch.int64, device=self.device)
+        _broadcast(self.group, t)
+        return t.tolist()
+
+    def blob(self, data: bytes | None = None, size: int = 0) -> bytes:
+        """Rank 0 sends ``data`` (``size`` bytes, zero-padded); the others receive it."""
+        raw = list((data or b"").ljust(size, b"\0"))
+        t = torch.tensor(raw, dtype=torch.uint8, device=self.device)
+        _broadcast(self.group, t)
+        return bytes(t.tolist())
+
+    def payload(self, buf: Buffer, start: int, end: int, *, send: bool) -> None:
+        """Moves ``buf[start:end]`` from rank 0 into every member's ``buf``."""
+        for offset in range(start, end, self.chunk_bytes):
+            n = min(self.chunk_bytes, end - offset)
+            host = _bytes_of(buf, offset, offset + n)
+            if not self.staged:
+                _broadcast(self.group, host)
+                continue
+            bucket = self._stage(n)
+            if send:
+                bucket.copy_(host)
+            _broadcast(self.group, bucket)
+            if not send:
+                host.copy_(bucket)  # ordered after the broadcast on the device's stream
+
+    def _stage(self, n: int) -> torch.Tensor:
+        if self._bucket is None or self._bucket.numel() < self.chunk_bytes:
+            self._bucket = None  # the old one goes before the new one is made
+            self._bucket = torch.empty(self.chunk_bytes, dtype=torch.uint8, device=self.device)
+        return self._bucket[:n]
+
+
+def _staging(device: str, staged: bool | None) -> tuple[torch.device, bool]:
+    where = torch.device(device)
+    return where, where.type != "cpu" if staged is None else staged
+
+
 class WeightSender:
     """The trainer's end: rank 0 of the group, broadcasting versions as they are gathered.
 
@@ -94,11 +191,17 @@ class WeightSender:
     for it (up to the timeout). Any failure marks the group broken: the caller carries
     on without it (the TCP path) and the scheduler opens a new one."""
 
-    def __init__(self, address: GroupAddress, *, timeout_s: float = 60.0):
+    def __init__(self, address: GroupAddress, *, timeout_s: float = 60.0, device: str = "cpu",
+                 staged: bool | None = None, chunk_bytes: int = CHUNK_BYTES):  # fmt: skip
+        """``device``: where the trainer's bytes are staged for the broadcast (its GPU for
+        nccl); ``staged`` (default: off the CPU) forces staging through a bucket;
+        ``chunk_bytes``: bytes per broadcast, announced to the replicas."""
         self.address = address
         self.timeout_s = timeout_s
         self.broken = ""  # why the group is unusable; empty while it is fine
-        self._group: dist.ProcessGroup | None = None
+        self._device, self._staged = _staging(device, staged)
+        self._chunk_bytes = chunk_bytes
+        self._wire: _Wire | None = None
         self.pause_s = float(os.environ.get(PAUSE_ENV) or 0.0)  # fault tests only
         self._version, self._ranges = 0, 0  # the version being sent, its ranges sent
         self._joined = threading.Event()
@@ -106,7 +209,9 @@ class WeightSender:
 
     def _join(self) -> None:
         try:
-            self._group = _connect(self.address, 0, self.timeout_s)
+            group = _connect(self.address, 0, self.timeout_s)
+            self._wire = _Wire(group, self._device, staged=self._staged,
+                               chunk_bytes=self._chunk_bytes)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported by the next send
             self.broken = f"the replicas did not all join: {exc}"
         finally:
@@ -118,8 +223,8 @@ class WeightSender:
             self.broken = f"the replicas did not all join within {self.timeout_s:.0f}s"
         return not self.broken
 
-    def _control(self, kind: int, a: int = 0, b: int = 0) -> None:
-        _broadcast(self._group, torch.tensor([kind, a, b, 0], dtype=torch.int64))
+    def _control(self, kind: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        self._wire.control([kind, a, b, c])
 
     def _guarded(self, what: str, fn: Callable[[], None]) -> bool:
         if not self.usable:
@@ -132,12 +237,13 @@ class WeightSender:
             logger.warning("weight group %d broken: %s", self.address.generation, self.broken)
             # Its connections close with it, so the other members leave at once instead of
             # waiting mid-version (holding a buffer) until the next group forms.
-            self._group = None
+            self._wire = None
             return False
 
     def begin(self, version: int, num_bytes: int) -> bool:
         self._version, self._ranges = version, 0
-        ok = self._guarded("begin", lambda: self._control(BEGIN, version, num_bytes))
+        ok = self._guarded("begin", lambda: self._control(BEGIN, version, num_bytes,
+                                                          self._chunk_bytes))  # fmt: skip
         if ok:
             logger.info("weight group %d: broadcasting version %d", self.address.generation,
                         version)  # fmt: skip
@@ -154,7 +260,7 @@ class WeightSender:
                 time.sleep(self.pause_s)
             self._ranges += 1
             self._control(RANGE, start, end)
-            _broadcast(self._group, _bytes_of(payload, start, end))
+            self._wire.payload(payload, start, end, send=True)
 
         return self._guarded("send", run)
 
@@ -165,9 +271,7 @@ class WeightSender:
 
         def run() -> None:
             self._control(END, len(data))
-            _broadcast(
-                self._group, torch.tensor(list(data.ljust(_CHECKSUM_BYTES)), dtype=torch.uint8)
-            )
+            self._wire.blob(data, _CHECKSUM_BYTES)
 
         return self._guarded("end", run)
 
@@ -176,7 +280,7 @@ class WeightSender:
 
     def close(self) -> None:
         self.broken = self.broken or "closed"
-        self._group = None
+        self._wire = None
 
 
 @dataclass
@@ -194,7 +298,10 @@ class WeightReceiver:
 
     def __init__(self, address: GroupAddress, rank: int, *, job_id: str,
                  alloc: Callable[[int], Buffer], release: Callable[[Buffer], None],
-                 idle_timeout_s: float = 24 * 3600.0) -> None:  # fmt: skip
+                 idle_timeout_s: float = 24 * 3600.0, device: str = "cpu",
+                 staged: bool | None = None) -> None:  # fmt: skip
+        """``device``: where bytes land before they are copied into the host payload
+        (the engine's GPU for nccl); ``staged`` as for ``WeightSender``."""
         self.address = address
         self.rank = rank
         self.job_id = job_id
@@ -202,6 +309,7 @@ class WeightReceiver:
         # Between versions a whole step passes: the group waits that long for the next.
         self.idle_timeout_s = idle_timeout_s
         self.broken = ""
+        self._device, self._staged = _staging(device, staged)
         self._lock = threading.Lock()
         self._ready: Received | None = None
         self._stop = False
@@ -225,41 +333,40 @@ class WeightReceiver:
 
     def _run(self) -> None:
         try:
+            if self._device.type == "cuda":  # this thread's NCCL calls run on its device
+                torch.cuda.set_device(self._device)
             group = _connect(self.address, self.rank, self.idle_timeout_s)
+            wire = _Wire(group, self._device, staged=self._staged, chunk_bytes=CHUNK_BYTES)
             while not self._stop:
-                self._receive_version(group)
+                self._receive_version(wire)
         except Exception as exc:  # noqa: BLE001 - the group is gone; the TCP path serves
             self.broken = str(exc) or type(exc).__name__
             if not self._stop:
                 logger.warning("weight group %d left: %s", self.address.generation, self.broken)
 
-    def _control(self, group: dist.ProcessGroup) -> list[int]:
-        t = torch.zeros(4, dtype=torch.int64)
-        _broadcast(group, t)
-        return t.tolist()
-
-    def _receive_version(self, group: dist.ProcessGroup) -> None:
-        kind, version, num_bytes, _ = self._control(group)
+    def _receive_version(self, wire: _Wire) -> None:
+        kind, version, num_bytes, chunk_bytes = wire.control()
         if kind == ABANDON:
             return
         if kind != BEGIN:
             raise ValueError(f"weight group protocol: expected a version to begin, got {kind}")
+        if not 0 < chunk_bytes <= 4 * CHUNK_BYTES:
+            raise ValueError(f"weight group protocol: a {chunk_bytes}-byte chunk")
+        wire.chunk_bytes = chunk_bytes
         payload = self.alloc(num_bytes)
         try:
             while True:
-                kind, a, b, _ = self._control(group)
+                kind, a, b, _ = wire.control()
                 if kind == ABANDON:  # the trainer gave this version up (it still publishes)
                     return
                 if kind == RANGE:
                     if not 0 <= a <= b <= num_bytes:
                         raise ValueError(f"range {a}..{b} outside a {num_bytes}-byte version")
-                    _broadcast(group, _bytes_of(payload, a, b))
+                    wire.payload(payload, a, b, send=False)
                     continue
                 if kind != END:
                     raise ValueError(f"weight group protocol: unexpected message {kind}")
-                raw = torch.zeros(_CHECKSUM_BYTES, dtype=torch.uint8)
-                _broadcast(group, raw)
-                checksum = bytes(raw[:a].tolist()).decode()
+                checksum = wire.blob(size=_CHECKSUM_BYTES)[:a].decode()
                 verify_checksum(payload, checksum, what=f"broadcast version {version}")
                 self._keep(Received(self.job_id, version, payload, checksum))
                 payload = None

@@ -236,19 +236,27 @@ class RolloutCore:
         leaves the previous group."""
         if not job_id:
             raise InvalidArgument("job_id is empty; name the job whose weight group to join")
-        if group.backend != "gloo":
-            raise InvalidArgument(f"weight group backend {group.backend!r} is not supported: gloo")
+        from rlfleet.common.weight_group import BACKENDS, WeightReceiver  # torch: only here
+
+        if group.backend not in BACKENDS:
+            raise InvalidArgument(f"weight group backend {group.backend!r} is not one of "
+                                  f"{', '.join(BACKENDS)}")  # fmt: skip
+        device = self.engine.weights_device if group.backend == "nccl" else "cpu"
+        if group.backend == "nccl" and not device.startswith("cuda"):
+            raise FailedPrecondition(
+                f"this replica's {self.engine.kind} engine runs on {device}; an nccl weight "
+                "group needs its GPU (it gets each version from weight-sync instead)"
+            )
         if not 1 <= rank < group.world_size:
             raise InvalidArgument(
                 f"rank {rank} is outside the replicas' ranks 1..{group.world_size - 1} of the "
                 "weight group (rank 0 is the trainer)"
             )
-        from rlfleet.common.weight_group import WeightReceiver  # torch: only where it is used
-
         if self._receiver is not None:
             self._receiver.close()
         self._receiver = WeightReceiver(group, rank, job_id=job_id, alloc=self._group_buffers.take,
-                                        release=self._group_buffers.give)  # fmt: skip
+                                        release=self._group_buffers.give,
+                                        device=device)  # fmt: skip
         logger.info("joined a weight group", extra={"job_id": job_id, "rank": rank,
                                                     "generation": group.generation})  # fmt: skip
 

@@ -229,6 +229,12 @@ class RolloutEngine(ABC):
         ``finished=False, finish_reason="aborted"`` and the call returns.
         """
 
+    @property
+    def weights_device(self) -> str:
+        """Where the weights live: "cpu", or a CUDA device ("cuda:0"), where an nccl weight
+        group stages the bytes it receives (common/weight_group.py)."""
+        return "cpu"
+
     def drop_kept_kv(self) -> None:  # noqa: B027 - optional hook
         """Forgets any KV cache kept for calls that may resume it (``Sampling.resume_kv``):
         the replica moves to another job, whose sequences must not match it."""

@@ -72,6 +72,12 @@ class TorchEngine(RolloutEngine):
 
     kind = "torch"
 
+    @property
+    def weights_device(self) -> str:
+        if self.device.type == "cuda" and self.device.index is None:
+            return f"cuda:{torch.cuda.current_device()}"
+        return str(self.device)
+
     def __init__(
         self,
         *,

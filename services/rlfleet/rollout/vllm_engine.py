@@ -135,6 +135,7 @@ class VllmEngine(RolloutEngine):
         self._extra_args = dict(engine_args or {})
         self._llm = None  # vllm LLMEngine, touched only on the engine thread
         self._info: _ModelInfo | None = None
+        self._on_cpu = True  # until a model is built on vLLM's platform
         self._version = 0
         self._loading = False
         self._closed = False
@@ -152,6 +153,15 @@ class VllmEngine(RolloutEngine):
     @property
     def loaded(self) -> bool:
         return self._info is not None
+
+    @property
+    def weights_device(self) -> str:
+        """The GPU of this process (its engine core runs in process), or the CPU."""
+        if self._on_cpu:
+            return "cpu"
+        import torch
+
+        return f"cuda:{torch.cuda.current_device()}"
 
     @property
     def model_path(self) -> str:
@@ -430,7 +440,7 @@ class VllmEngine(RolloutEngine):
         self._info = None
         from vllm.platforms import current_platform
 
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self._on_cpu = current_platform.is_cpu()
         args = self._engine_args(path, on_cpu=on_cpu)
         # In-process engine core: steps, weight loads and aborts are then ordered by
         # this thread alone (vLLM reads this variable when the engine is built).

@@ -92,12 +92,15 @@ class ServiceClients:
             timeout=self.timeouts.train,
         )
 
-    def open_weight_group(self, job_id: str, world_size: int) -> common_pb2.WeightGroupAddress:
+    def open_weight_group(self, job_id: str, world_size: int,
+                          backend: str = "") -> common_pb2.WeightGroupAddress:  # fmt: skip
         return self._call(
             "trainer",
             "OpenWeightGroup",
             self.trainer.OpenWeightGroup,
-            trainer_pb2.OpenWeightGroupRequest(job_id=job_id, world_size=world_size),
+            trainer_pb2.OpenWeightGroupRequest(
+                job_id=job_id, world_size=world_size, backend=backend
+            ),
             timeout=self.timeouts.init,
         )
 

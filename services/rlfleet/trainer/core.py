@@ -126,10 +126,11 @@ class TrainerCore:
         self.init_job(job_id, JobSpec.model_validate_json(spec_json))
         return self.jobs[job_id]
 
-    def open_weight_group(self, job_id: str, world_size: int) -> GroupAddress:
+    def open_weight_group(self, job_id: str, world_size: int,
+                          backend: str = "") -> GroupAddress | None:  # fmt: skip
         check_job_id(job_id)
         trainer = self.jobs.get(job_id) or self._reload(job_id)
-        return trainer.open_weight_group(world_size)
+        return trainer.open_weight_group(world_size, backend)
 
     def status(self, job_id: str) -> tuple[int, int]:
         """(version, last_step) of a job this process holds."""

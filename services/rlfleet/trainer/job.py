@@ -46,7 +46,7 @@ from rlfleet.common.buffer import Entry, ExperienceBuffer
 from rlfleet.common.errors import FailedPrecondition, InvalidArgument
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.procs import free_port
-from rlfleet.common.weight_group import GroupAddress, WeightSender
+from rlfleet.common.weight_group import BACKENDS, GroupAddress, WeightSender
 from rlfleet.common.weight_transport import BufferPool
 from rlfleet.common.weights import Buffer, checksum_of
 from rlfleet.trainer import metrics as prom
@@ -429,22 +429,41 @@ class JobTrainer:
                               stream=stream)  # fmt: skip
 
     # ------------------------------------------------------------------ weight group
-    def open_weight_group(self, world_size: int) -> GroupAddress:
+    def open_weight_group(self, world_size: int, backend: str = "") -> GroupAddress | None:
         """A new weight group for the job (the previous one is dropped); returns where its
-        members meet. Versions trained from now on are broadcast over it."""
-        if world_size < 2:
+        members meet. Versions trained from now on are broadcast over it. ``backend``:
+        gloo, nccl, or "" for nccl on a GPU, else gloo. World size 0 only closes the group
+        (None)."""
+        if world_size == 1 or world_size < 0:
             raise InvalidArgument(
                 f"a weight group needs the trainer and at least one replica; world_size is "
-                f"{world_size}"
+                f"{world_size} (0 closes the job's group)"
+            )
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if backend not in BACKENDS:
+            raise InvalidArgument(f"weight group backend {backend!r} is not one of "
+                                  f"{', '.join(BACKENDS)}")  # fmt: skip
+        if backend == "nccl" and self.device.type != "cuda":
+            raise FailedPrecondition(
+                f"this trainer trains on {self.device.type}; an nccl weight group needs a GPU "
+                "(set weights.group_backend to gloo or auto)"
             )
         with self._lock:
             if self._sender is not None:
                 self._sender.close()
+                self._sender = None
+            if world_size == 0:
+                logger.info("weight group closed", extra={"job_id": self.job_id})
+                return None
             address = GroupAddress(self.weight_group_host, free_port(), world_size,
-                                   time.time_ns() // 1000)  # fmt: skip
-            self._sender = WeightSender(address, timeout_s=self.spec.weights.group_timeout_s)
+                                   time.time_ns() // 1000, backend)  # fmt: skip
+            # nccl: staged through this rank's GPU; gloo: the host payload, in place.
+            device = str(self.device) if backend == "nccl" else "cpu"
+            self._sender = WeightSender(address, timeout_s=self.spec.weights.group_timeout_s,
+                                        device=device)  # fmt: skip
         logger.info("weight group opened", extra={"job_id": self.job_id, "members": world_size,
-                                                  "generation": address.generation})  # fmt: skip
+                                                  "generation": address.generation,
+                                                  "backend": backend})  # fmt: skip
         return address
 
     def _publish(self, version: int) -> None:

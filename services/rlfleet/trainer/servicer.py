@@ -40,7 +40,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
 
     def OpenWeightGroup(self, request, context):
-        group = self.core.open_weight_group(request.job_id, request.world_size)
+        group = self.core.open_weight_group(request.job_id, request.world_size, request.backend)
+        if group is None:  # closed
+            return common_pb2.WeightGroupAddress()
         return common_pb2.WeightGroupAddress(host=group.host, port=group.port,
                                              world_size=group.world_size,
                                              generation=group.generation,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlfleet.v1 import common_pb2 as rlfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlfleet/v1/trainer.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"<\n\x16OpenWeightGroupRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\"3\n\x0eInitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\"3\n\x0fInitJobResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"d\n\x10TrainStepRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x1d\n\x15publish_in_background\x18\x04 \x01(\x08\"\xc3\x01\n\x11TrainStepResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12;\n\x07metrics\x18\x02 \x03(\x0b\x32*.rlfleet.v1.TrainStepResponse.MetricsEntry\x12\x17\n\x0fsamples_trained\x18\x03 \x01(\x05\x12\x17\n\x0f\x63heckpoint_path\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"&\n\x14TrainerStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\rTrainerStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tlast_step\x18\x03 \x01(\x03\x32\xbf\x02\n\x0eTrainerService\x12\x42\n\x07InitJob\x12\x1a.rlfleet.v1.InitJobRequest\x1a\x1b.rlfleet.v1.InitJobResponse\x12H\n\tTrainStep\x12\x1c.rlfleet.v1.TrainStepRequest\x1a\x1d.rlfleet.v1.TrainStepResponse\x12H\n\tGetStatus\x12 .rlfleet.v1.TrainerStatusRequest\x1a\x19.rlfleet.v1.TrainerStatus\x12U\n\x0fOpenWeightGroup\x12\".rlfleet.v1.OpenWeightGroupRequest\x1a\x1e.rlfleet.v1.WeightGroupAddressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlfleet/v1/trainer.proto\x12\nrlfleet.v1\x1a\x17rlfleet/v1/common.proto\"M\n\x16OpenWeightGroupRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"3\n\x0eInitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\"3\n\x0fInitJobResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"d\n\x10TrainStepRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x1d\n\x15publish_in_background\x18\x04 \x01(\x08\"\xc3\x01\n\x11TrainStepResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12;\n\x07metrics\x18\x02 \x03(\x0b\x32*.rlfleet.v1.TrainStepResponse.MetricsEntry\x12\x17\n\x0fsamples_trained\x18\x03 \x01(\x05\x12\x17\n\x0f\x63heckpoint_path\x18\x04 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"&\n\x14TrainerStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\rTrainerStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x11\n\tlast_step\x18\x03 \x01(\x03\x32\xbf\x02\n\x0eTrainerService\x12\x42\n\x07InitJob\x12\x1a.rlfleet.v1.InitJobRequest\x1a\x1b.rlfleet.v1.InitJobResponse\x12H\n\tTrainStep\x12\x1c.rlfleet.v1.TrainStepRequest\x1a\x1d.rlfleet.v1.TrainStepResponse\x12H\n\tGetStatus\x12 .rlfleet.v1.TrainerStatusRequest\x1a\x19.rlfleet.v1.TrainerStatus\x12U\n\x0fOpenWeightGroup\x12\".rlfleet.v1.OpenWeightGroupRequest\x1a\x1e.rlfleet.v1.WeightGroupAddressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_OPENWEIGHTGROUPREQUEST']._serialized_start=65
-  _globals['_OPENWEIGHTGROUPREQUEST']._serialized_end=125
-  _globals['_INITJOBREQUEST']._serialized_start=127
-  _globals['_INITJOBREQUEST']._serialized_end=178
-  _globals['_INITJOBRESPONSE']._serialized_start=180
-  _globals['_INITJOBRESPONSE']._serialized_end=231
-  _globals['_TRAINSTEPREQUEST']._serialized_start=233
-  _globals['_TRAINSTEPREQUEST']._serialized_end=333
-  _globals['_TRAINSTEPRESPONSE']._serialized_start=336
-  _globals['_TRAINSTEPRESPONSE']._serialized_end=531
-  _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._serialized_start=485
-  _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._serialized_end=531
-  _globals['_TRAINERSTATUSREQUEST']._serialized_start=533
-  _globals['_TRAINERSTATUSREQUEST']._serialized_end=571
-  _globals['_TRAINERSTATUS']._serialized_start=573
-  _globals['_TRAINERSTATUS']._serialized_end=640
-  _globals['_TRAINERSERVICE']._serialized_start=643
-  _globals['_TRAINERSERVICE']._serialized_end=962
+  _globals['_OPENWEIGHTGROUPREQUEST']._serialized_end=142
+  _globals['_INITJOBREQUEST']._serialized_start=144
+  _globals['_INITJOBREQUEST']._serialized_end=195
+  _globals['_INITJOBRESPONSE']._serialized_start=197
+  _globals['_INITJOBRESPONSE']._serialized_end=248
+  _globals['_TRAINSTEPREQUEST']._serialized_start=250
+  _globals['_TRAINSTEPREQUEST']._serialized_end=350
+  _globals['_TRAINSTEPRESPONSE']._serialized_start=353
+  _globals['_TRAINSTEPRESPONSE']._serialized_end=548
+  _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._serialized_start=502
+  _globals['_TRAINSTEPRESPONSE_METRICSENTRY']._serialized_end=548
+  _globals['_TRAINERSTATUSREQUEST']._serialized_start=550
+  _globals['_TRAINERSTATUSREQUEST']._serialized_end=588
+  _globals['_TRAINERSTATUS']._serialized_start=590
+  _globals['_TRAINERSTATUS']._serialized_end=657
+  _globals['_TRAINERSERVICE']._serialized_start=660
+  _globals['_TRAINERSERVICE']._serialized_end=979
 # @@protoc_insertion_point(module_scope)

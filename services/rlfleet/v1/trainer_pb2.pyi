@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OpenWeightGroupRequest(_message.Message):
-    __slots__ = ("job_id", "world_size")
+    __slots__ = ("job_id", "world_size", "backend")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     world_size: int
-    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, job_id: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class InitJobRequest(_message.Message):
     __slots__ = ("job_id", "spec_json")

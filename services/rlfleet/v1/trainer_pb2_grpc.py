@@ -89,7 +89,7 @@ class TrainerServiceServicer:
         """OpenWeightGroup starts a job's weight group of world_size members (this trainer as
         rank 0, then the replicas the scheduler tells to join): later versions are broadcast
         over it while they are gathered, beside the push to weight-sync. Replaces the job's
-        previous group.
+        previous group. world_size 0 closes the job's group (no replica could join it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -6,7 +6,10 @@ range to replicas over a real gloo process group of their own, on loopback.
 - a replica killed (-9) mid-broadcast: the trainer's send fails and the group is
   marked broken (the caller falls back to weight-sync), the other replica hands over
   no half version;
-- the trainer killed (-9) mid-broadcast: the replicas hand over no half version.
+- the trainer killed (-9) mid-broadcast: the replicas hand over no half version;
+- members that stage their bytes through a small bucket on their device (the nccl
+  path's code, here on the CPU) receive the same bytes, whoever else stages or not;
+- a backend other than gloo and nccl, or nccl where torch has none, is a clear error.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ def _address(world: int) -> GroupAddress:
     return GroupAddress("127.0.0.1", free_port(), world, generation=time.time_ns())
 
 
-def _receiver(address: GroupAddress, rank: int) -> WeightReceiver:
-    return WeightReceiver(address, rank, job_id="j", alloc=bytearray, release=lambda _: None)
+def _receiver(address: GroupAddress, rank: int, **staging) -> WeightReceiver:
+    return WeightReceiver(address, rank, job_id="j", alloc=bytearray, release=lambda _: None,
+                          **staging)  # fmt: skip
 
 
 def _wait_for(receiver: WeightReceiver, version: int, timeout: float = 30.0):
@@ -63,6 +67,35 @@ def test_every_replica_receives_each_version_exactly():
             assert got is not None and bytes(got.payload) == bytes(payload)
             assert got.checksum == checksum_of(payload)
     assert not sender.broken
+
+
+def test_members_staging_through_a_bucket_receive_the_same_bytes():
+    """The path of an nccl group (host → device bucket → broadcast → bucket → host), run
+    on the CPU with a 4099-byte bucket: ranges straddle buckets, a range is shorter than
+    one, and a receiver that moves bytes in place sits in the same group."""
+    address = _address(3)
+    staged = _receiver(address, 1, staged=True)
+    in_place = _receiver(address, 2)
+    sender = WeightSender(address, timeout_s=30, staged=True, chunk_bytes=4099)
+    for version, size in ((1, 100_003), (2, 17)):
+        payload = bytearray(os.urandom(size))
+        assert _send(sender, version, payload, cut=7)
+        for r in (staged, in_place):
+            got = _wait_for(r, version)
+            assert got is not None and bytes(got.payload) == bytes(payload)
+    assert not sender.broken and not staged.broken
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [("mpi", "backend 'mpi' is not supported; use one of gloo, nccl"),
+     pytest.param("nccl", "this torch build has no NCCL", marks=pytest.mark.skipif(
+         __import__("torch").distributed.is_nccl_available(), reason="torch has NCCL here"))],
+)  # fmt: skip
+def test_a_backend_the_group_cannot_use_is_a_clear_error(backend, message):
+    address = GroupAddress("127.0.0.1", free_port(), 2, time.time_ns(), backend=backend)
+    sender = WeightSender(address, timeout_s=5)
+    assert not sender.usable and message in sender.broken
 
 
 def test_an_abandoned_or_corrupt_version_is_never_handed_over():
