@@ -30,9 +30,16 @@ def core(make_core):
         ),
         ({"scheduling": {"mode": "fast"}}, "scheduling.mode", "'sync' or 'c3po'"),
         ({"reward": {"verifier": "regex"}}, "reward.pattern", "required"),
-        ({"weights": {"group_backend": "nccl"}}, "weights", 'set weights.transport to "collective"'),
-        ({"weights": {"transport": "collective", "group_backend": "mpi"}},
-         "weights.group_backend", "'auto', 'gloo' or 'nccl'"),  # fmt: skip
+        (
+            {"weights": {"group_backend": "nccl"}},
+            "weights",
+            'set weights.transport to "collective"',
+        ),
+        (
+            {"weights": {"transport": "collective", "group_backend": "mpi"}},
+            "weights.group_backend",
+            "'auto', 'gloo' or 'nccl'",
+        ),  # fmt: skip
     ],
 )
 def test_bad_field_is_named(core, spec_of, override, field, what):
