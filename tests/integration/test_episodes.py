@@ -9,7 +9,10 @@ and then a whole job through the fleet (weight-sync, reward, trainer, scheduler)
   tokens are unmasked and carry the version that sampled them.
 - A job with a `retry` environment trains through the fleet: the trainer's log-probs at
   θ_old equal the replica's on the model's tokens (the environment's are left out of
-  IcePop's k, or the mismatch would be huge), and the step records the episodes' turns.
+  IcePop's k, or the mismatch would be huge), and the step records the episodes' turns
+  and its eval on episodes.
+- The job's eval plays its eval rows as episodes (greedy, then pass@k sampled), each in
+  the env service and closed after, and scores them by the environment's own reward.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ def test_a_retry_job_trains_through_the_fleet(service_factory, redis_url, tmp_pa
                        "--env-address", env.address, "--poll-interval-s", "0.2"])  # fmt: skip
     with make_channel(scheduler.address) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        spec = json.dumps(_spec(chat_model, steps=2))
+        spec = json.dumps(_spec(chat_model, steps=2, eval={"prompts": 2, "pass_k": 2}))
         job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=spec), timeout=30)
         end = time.monotonic() + 400
         while job.state not in ("succeeded", "failed", "cancelled"):
@@ -198,6 +201,9 @@ def test_a_retry_job_trains_through_the_fleet(service_factory, redis_url, tmp_pa
         assert job.state == "succeeded", job.reason
         steps = stub.GetSteps(scheduler_pb2.GetStepsRequest(job_id=job.job_id), timeout=10).steps
     assert [s.step for s in steps] == [0, 1]
+    last = steps[-1].metrics  # the eval after the last step, on episodes
+    assert last["eval_prompts"] == 2 and 0.0 <= last["eval_pass_at_2"] <= 1.0, dict(last)
+    assert last["eval_greedy_env_turns_mean"] >= 1.0
     for record in steps:
         m = record.metrics
         assert m["samples_trained"] == 4 and m["env_turns_mean"] >= 1.0
@@ -210,8 +216,6 @@ def test_what_a_job_with_an_environment_accepts(chat_model, tmp_path):
     JobSpec.model_validate(_spec(chat_model, scheduling={"mode": "c3po"}))
     with pytest.raises(ValueError, match="scheduling.overlap = false"):
         JobSpec.model_validate(_spec(chat_model, scheduling={"mode": "c3po", "overlap": True}))
-    with pytest.raises(ValueError, match="eval scores single completions"):
-        JobSpec.model_validate(_spec(chat_model, eval={"every_steps": 1}))
     # A dataset job needs no reward block: the environment scores its episodes.
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"question": "1 + 1", "answer": "2"}\n')
@@ -219,3 +223,53 @@ def test_what_a_job_with_an_environment_accepts(chat_model, tmp_path):
     spec["task"] = {"kind": "dataset", "dataset": {"path": str(rows)},
                     "environment": spec["task"]["environment"]}  # fmt: skip
     JobSpec.model_validate(spec)
+
+
+def test_eval_plays_episodes_scored_by_the_environment(service_factory, redis_url, chat_model):
+    from rlfleet.scheduler.evaluation import Evaluator
+
+    common = ["--redis-url", redis_url, "--log-format", "text"]
+    env = service_factory("env", "rlfleet.env", common, env=ENV)
+    replica = service_factory("rollout-0", "rlfleet.rollout",
+                              common + ["--replica-id", "r0", "--model-path", str(chat_model),
+                                        "--device", "cpu", "--torch-threads", "1"], env=ENV)  # fmt: skip
+    calls: list[tuple[str, object, object]] = []
+
+    class Recording(ServiceClients):
+        def env_call(self, what, method, request, *, timeout):
+            reply = super().env_call(what, method, request, timeout=timeout)
+            calls.append((method, request, reply))
+            return reply
+
+    clients = Recording(reward_address="127.0.0.1:1", trainer_address="127.0.0.1:1",
+                        env_address=env.address)  # fmt: skip
+    pool = ReplicaPool(StaticDiscovery([replica.address]))
+    spec = JobSpec.model_validate(_spec(chat_model, eval={"prompts": 3, "pass_k": 2}))
+    try:
+        [held] = pool.refresh()
+        held.job_id, held.version = "job-e", 0
+        evaluator = Evaluator(spec=spec, pool=pool, clients=clients,
+                              codec=load_codec(str(chat_model)))  # fmt: skip
+        out = evaluator.run(job_id="job-e", step=0, version=0, stop=threading.Event())
+    finally:
+        clients.close()
+        pool.close()
+
+    resets = [req.episode_id for m, req, _ in calls if m == "Reset"]
+    assert len(resets) == 3 + 3 * 2 and len(set(resets)) == 9  # greedy, then 2 sampled each
+    assert all(r.split("/")[1].startswith("eval-") for r in resets)
+    assert {req.episode_id for m, req, _ in calls if m == "Close"} == set(resets)
+    # Each episode's reward is the environment's, from its last Step reply.
+    final: dict[str, float] = {}
+    for method, req, reply in calls:
+        if method == "Step":
+            final[req.episode_id] = reply.reward_so_far
+    greedy = [final[r] for r in resets[:3]]
+    sampled = [final[r] for r in resets[3:]]
+    assert out["eval_prompts"] == 3.0
+    assert out["eval_greedy_reward_mean"] == pytest.approx(sum(greedy) / 3)
+    assert out["eval_greedy_accuracy"] == pytest.approx(sum(g >= 1.0 for g in greedy) / 3)
+    assert out["eval_sampled_reward_mean"] == pytest.approx(sum(sampled) / 6)
+    by_prompt = [sampled[2 * i : 2 * i + 2] for i in range(3)]
+    assert out["eval_pass_at_2"] == pytest.approx(sum(max(r) >= 1.0 for r in by_prompt) / 3)
+    assert 1.0 <= out["eval_greedy_env_turns_mean"] <= 3.0

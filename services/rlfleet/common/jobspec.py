@@ -526,11 +526,6 @@ class JobSpec(_Spec):
                 "task.environment runs with scheduling.overlap = false (episodes are carried "
                 "over at the stop, not generated while the step trains)"
             )
-        if self.eval is not None:
-            raise ValueError(
-                "eval scores single completions and has no episode path yet; remove the eval "
-                "block from a job with a task.environment (its step metrics carry reward_mean)"
-            )
         return self
 
     @model_validator(mode="after")

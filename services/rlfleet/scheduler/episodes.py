@@ -24,7 +24,9 @@ the environment as it is, and the end-of-turn token is inserted before the reply
 of the environment's (masked) tokens.
 
 ``EnvTurns`` is the env-service side both strategies share: this module's sync
-``EpisodeStrategy`` and C3PO++ across turns (``c3po/episodes.py``).
+``EpisodeStrategy`` and C3PO++ across turns (``c3po/episodes.py``). The job's ``eval``
+plays episodes the same way (``evaluate_episodes``): greedy, and ``eval.pass_k`` at the
+sampling temperature, scored by the environment's reward, written nowhere.
 
 The env service keeps episodes in memory. A restarted env service has lost them: the
 next call answers ``NOT_FOUND``, and the step's episodes are all played again under
@@ -266,6 +268,102 @@ def episode_metrics(episodes: list[tuple[int, int, str, list[int]]]) -> dict[str
     }
 
 
+def with_restarts(play, ctx: StepContext, what: str):
+    """``play()``, again (fresh episodes) when the env service lost its episodes (it was
+    restarted mid-episode: NOT_FOUND), up to ``RESTARTS`` times."""
+    for attempt in range(RESTARTS + 1):
+        try:
+            return play()
+        except NotFound as exc:
+            if attempt == RESTARTS:
+                raise
+            logger.warning("job %s step %d: the env service lost episodes (%s); playing the "
+                           "%s again", ctx.job_id, ctx.step, exc.message, what)  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+def start_episodes(env: EnvTurns, rows: list[tuple[str, str, str]]) -> list[Episode]:
+    """Resets an episode per (seq id, group id, task JSON) under fresh episode ids."""
+    nonce = uuid.uuid4().hex[:8]  # fresh episodes per attempt (see the module docstring)
+    episodes = []
+    for seq_id, group, task_json in rows:
+        episode_id = f"{env.ctx.job_id}/{seq_id}/{nonce}"
+        prompt = env.reset(episode_id, task_json, seq_id)
+        episodes.append(Episode(episode_id, seq_id, group, task_json, prompt))
+    return episodes
+
+
+def play_episodes(pool, env: EnvTurns, episodes: list[Episode], sampling_of_turn) -> None:
+    """Plays ``episodes`` to their ends under ``env.ctx.version``, every unfinished one a
+    turn at a time together (``sampling_of_turn(turn)``: the turn's SamplingParams), and
+    closes them in the env service."""
+    try:
+        for turn in range(env.env.max_turns):
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
+            _turn(pool, env, active, turn, sampling_of_turn(turn))
+    finally:
+        env.close([e.episode_id for e in episodes])
+
+
+def _turn(pool, env: EnvTurns, active: list[Episode], turn: int,
+          sampling: rollout_pb2.SamplingParams) -> None:  # fmt: skip
+    ctx = env.ctx
+    by_group: dict[str, list[rollout_pb2.SequenceRequest]] = {}
+    for e in active:
+        by_group.setdefault(e.group, []).append(rollout_pb2.SequenceRequest(
+            seq_id=e.seq_id, prompt_token_ids=e.prompt_ids, prefix_token_ids=e.tokens,
+            prefix_logprobs=e.logprobs, prefix_versions=e.versions,
+            max_new_tokens=env.turn_limit(len(e.tokens), len(e.prompt_ids))))  # fmt: skip
+    results = pool.generate(list(by_group.values()), sampling, job_id=ctx.job_id,
+                            version=ctx.version, stop=ctx.stop,
+                            limit=ctx.spec.resources.rollout_replicas)  # fmt: skip
+    for e in active:
+        result, n0 = results[e.seq_id], len(e.tokens)
+        new = list(result.token_ids[n0:])
+        e.add(new, list(result.logprobs[n0:]), list(result.versions[n0:]), model=True)
+        e.turns += 1
+        outcome = env.after_turn(e.episode_id, turn, new, length=len(e.tokens),
+                                 prompt_len=len(e.prompt_ids), what=e.seq_id)  # fmt: skip
+        e.tool_calls += outcome.tool_calls
+        e.reward = outcome.reward
+        if outcome.done:
+            e.done, e.finish = True, outcome.finish
+        else:
+            n = len(outcome.env_ids)
+            e.add(outcome.env_ids, [0.0] * n, [ENV_VERSION] * n, model=False)
+
+
+def evaluate_episodes(pool, clients: ServiceClients, ctx: StepContext, rows: list[str], *,
+                      samples: int, sampling: rollout_pb2.SamplingParams, mode: str,
+                      env_timeout_s: float = 120.0) -> tuple[list[list[float]], list[Episode]]:  # fmt: skip
+    """The job's evaluation on episodes (scheduler/evaluation.py): ``samples`` episodes of
+    each eval row (task JSON), played under ``ctx.version`` with ``sampling`` (the turn
+    added to its seed), written nowhere. Each row's rewards (the environment's), and the
+    episodes. Sequence ids start with ``eval-{mode}-`` (never a training rollout's)."""
+    env = EnvTurns(ctx, clients, timeout_s=env_timeout_s)
+
+    def play() -> list[Episode]:
+        episodes = start_episodes(env, [(f"eval-{mode}-{i}-{m}", f"eval-{i}", task_json)
+                                        for i, task_json in enumerate(rows)
+                                        for m in range(samples)])  # fmt: skip
+        seed = sampling.seed
+
+        def of_turn(turn: int) -> rollout_pb2.SamplingParams:
+            turn_sampling = rollout_pb2.SamplingParams()
+            turn_sampling.CopyFrom(sampling)
+            turn_sampling.seed = (seed + turn) % (2**31 - 1)
+            return turn_sampling
+
+        play_episodes(pool, env, episodes, of_turn)
+        return episodes
+
+    episodes = with_restarts(play, ctx, f"{mode} eval episodes")
+    rewards = [e.reward for e in episodes]
+    return [rewards[i * samples : (i + 1) * samples] for i in range(len(rows))], episodes
+
+
 class EpisodeStrategy(RolloutStrategy):
     """Step s plays the episodes of prompts s·P .. s·P + P − 1, G each, to their ends
     under version s (sync mode: every turn of the step samples with the same version)."""
@@ -276,39 +374,21 @@ class EpisodeStrategy(RolloutStrategy):
         self.env_timeout_s = env_timeout_s
 
     def rollout(self, ctx: StepContext) -> RolloutResult:
-        """The step's episodes; all of them again when the env service lost them (it was
-        restarted mid-episode: NOT_FOUND), up to ``RESTARTS`` times."""
-        for attempt in range(RESTARTS + 1):
-            try:
-                return self._play(ctx)
-            except NotFound as exc:
-                if attempt == RESTARTS:
-                    raise
-                logger.warning("job %s step %d: the env service lost episodes (%s); playing "
-                               "the step's episodes again", ctx.job_id, ctx.step, exc.message)  # fmt: skip
-        raise AssertionError("unreachable")
+        """The step's episodes; all of them again when the env service lost them."""
+        return with_restarts(lambda: self._play(ctx), ctx, "step's episodes")
 
     def _play(self, ctx: StepContext) -> RolloutResult:
         algo, env = ctx.spec.algorithm, EnvTurns(ctx, self.clients, timeout_s=self.env_timeout_s)
-        nonce = uuid.uuid4().hex[:8]  # fresh episodes per attempt (see the module docstring)
-        episodes = []
+        rows = []
         for serial in range(ctx.step * algo.prompts_per_step,
                             (ctx.step + 1) * algo.prompts_per_step):  # fmt: skip
             task_json = entry_to_json(ctx.prompts.get(serial)[1])
-            for member in range(algo.group_size):
-                sid = sample_id(serial, member)
-                episode_id = f"{ctx.job_id}/{sid}/{nonce}"
-                prompt = env.reset(episode_id, task_json, sid)
-                episodes.append(Episode(episode_id, sid, group_id(serial), task_json, prompt))
+            rows += [(sample_id(serial, m), group_id(serial), task_json)
+                     for m in range(algo.group_size)]  # fmt: skip
+        episodes = start_episodes(env, rows)
         start = time.perf_counter()
-        try:
-            for turn in range(env.env.max_turns):
-                active = [e for e in episodes if not e.done]
-                if not active:
-                    break
-                self._turn(ctx, env, active, turn)
-        finally:
-            env.close([e.episode_id for e in episodes])
+        play_episodes(self.pool, env, episodes,
+                      lambda turn: sampling_params(ctx.spec, ctx.step * 64 + turn))  # fmt: skip
         elapsed = time.perf_counter() - start
         samples = [self._sample(ctx, e) for e in episodes]
         out = rollout_metrics(samples, ctx)
@@ -317,33 +397,6 @@ class EpisodeStrategy(RolloutStrategy):
         model_tokens = sum(sum(e.mask) for e in episodes)
         out["rollout_tokens_per_second"] = model_tokens / elapsed if elapsed > 0 else 0.0
         return RolloutResult(samples, out)
-
-    # -- one turn of every active episode ---------------------------------------------
-    def _turn(self, ctx: StepContext, env: EnvTurns, active: list[Episode], turn: int) -> None:
-        sampling = sampling_params(ctx.spec, ctx.step * 64 + turn)
-        by_group: dict[str, list[rollout_pb2.SequenceRequest]] = {}
-        for e in active:
-            by_group.setdefault(e.group, []).append(rollout_pb2.SequenceRequest(
-                seq_id=e.seq_id, prompt_token_ids=e.prompt_ids, prefix_token_ids=e.tokens,
-                prefix_logprobs=e.logprobs, prefix_versions=e.versions,
-                max_new_tokens=env.turn_limit(len(e.tokens), len(e.prompt_ids))))  # fmt: skip
-        results = self.pool.generate(list(by_group.values()), sampling, job_id=ctx.job_id,
-                                     version=ctx.version, stop=ctx.stop,
-                                     limit=ctx.spec.resources.rollout_replicas)  # fmt: skip
-        for e in active:
-            result, n0 = results[e.seq_id], len(e.tokens)
-            new = list(result.token_ids[n0:])
-            e.add(new, list(result.logprobs[n0:]), list(result.versions[n0:]), model=True)
-            e.turns += 1
-            outcome = env.after_turn(e.episode_id, turn, new, length=len(e.tokens),
-                                     prompt_len=len(e.prompt_ids), what=e.seq_id)  # fmt: skip
-            e.tool_calls += outcome.tool_calls
-            e.reward = outcome.reward
-            if outcome.done:
-                e.done, e.finish = True, outcome.finish
-            else:
-                n = len(outcome.env_ids)
-                e.add(outcome.env_ids, [0.0] * n, [ENV_VERSION] * n, model=False)
 
     def _sample(self, ctx: StepContext, e: Episode) -> common_pb2.Sample:
         return common_pb2.Sample(
