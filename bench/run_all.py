@@ -57,6 +57,8 @@ KNOWN: list[tuple[str, list[str], str]] = [
     ("weight_publish", ["step_ratio", "train_s_saved", "foreground.step_s", "background.step_s"],
      "collective job, push to weight-sync in the background: step time foreground / "
      "background >= 1 (it never delays the step)"),
+    ("env_steps", ["ratio", "episodes", "step_workers"],
+     "a turn's env Steps (a sandboxed python call each) at once / one by one >= 1.5x"),
     ("trainer_memory", ["logits_bytes_per_token_chunked", "logits_bytes_per_token_naive",
                         "peak_bytes_chunked"],
      "chunked log-probs: growth per response token above the activations' < 1/4 of one "
@@ -83,6 +85,7 @@ EXPECTED_S = {
     "rollout": (580, 100),
     "trainer_memory": (330, 110),  # every (path, length) a process of its own
     "weight_publish": (150, 90),  # real fleet, 2 x 3 seeds x 12 steps (128 s measured)
+    "env_steps": (30, 20),  # one env service, 3 x 2 rounds of 32 python calls (~15 s)
 }
 OTHER_EXPECTED_S = 120  # a script this table does not know yet
 BUDGET_S = 19 * 60  # issue #9: 20 minutes; 1 left for startup (the bench extra is installed first)
@@ -191,6 +194,8 @@ def checks(name: str, data: dict) -> list[Check]:
         return c3po_checks(data)
     if name == "weight_publish":
         return [Check("step time, push in the foreground / background", get("step_ratio"), 1.0)]
+    if name == "env_steps":
+        return [Check("env Steps at once / one by one", get("ratio"), 1.5)]
     if name == "trainer_memory":
         bound = 0.25 * 4 * get("vocab", 152_064)
         return [

@@ -44,6 +44,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ from rlfleet.v1 import common_pb2, env_pb2, rollout_pb2
 logger = logging.getLogger(__name__)
 
 RESTARTS = 3  # times a step's episodes are played again after the env service lost them
+STEP_WORKERS = 16  # a turn's Step calls in flight at once (the env service serves 32)
 
 
 @dataclass
@@ -319,13 +321,14 @@ def _turn(pool, env: EnvTurns, active: list[Episode], turn: int,
     results = pool.generate(list(by_group.values()), sampling, job_id=ctx.job_id,
                             version=ctx.version, stop=ctx.stop,
                             limit=ctx.spec.resources.rollout_replicas)  # fmt: skip
+    turns = []  # (episode, the model's tokens of this turn)
     for e in active:
         result, n0 = results[e.seq_id], len(e.tokens)
         new = list(result.token_ids[n0:])
         e.add(new, list(result.logprobs[n0:]), list(result.versions[n0:]), model=True)
         e.turns += 1
-        outcome = env.after_turn(e.episode_id, turn, new, length=len(e.tokens),
-                                 prompt_len=len(e.prompt_ids), what=e.seq_id)  # fmt: skip
+        turns.append((e, new))
+    for e, outcome in zip(active, step_all(env, turns, turn), strict=True):
         e.tool_calls += outcome.tool_calls
         e.reward = outcome.reward
         if outcome.done:
@@ -362,6 +365,21 @@ def evaluate_episodes(pool, clients: ServiceClients, ctx: StepContext, rows: lis
     episodes = with_restarts(play, ctx, f"{mode} eval episodes")
     rewards = [e.reward for e in episodes]
     return [rewards[i * samples : (i + 1) * samples] for i in range(len(rows))], episodes
+
+
+def step_all(env: EnvTurns, turns: list[tuple[Episode, list[int]]],
+             turn: int) -> list[TurnOutcome]:  # fmt: skip
+    """Sends model turn ``turn`` of each episode (with its tokens) to the environment, at
+    once: each may be a tool call or a sandbox run, and one after another their times
+    would add up. The outcomes in order; the first failure raises."""
+
+    def step(item: tuple[Episode, list[int]]) -> TurnOutcome:
+        e, new = item
+        return env.after_turn(e.episode_id, turn, new, length=len(e.tokens),
+                              prompt_len=len(e.prompt_ids), what=e.seq_id)  # fmt: skip
+
+    with ThreadPoolExecutor(max(1, min(STEP_WORKERS, len(turns))), "env-step") as steps:
+        return list(steps.map(step, turns))
 
 
 class EpisodeStrategy(RolloutStrategy):
