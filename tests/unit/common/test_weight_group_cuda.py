@@ -24,6 +24,7 @@ import torch
 from rlfleet.common.procs import free_port
 from rlfleet.common.weight_group import GroupAddress, WeightReceiver, WeightSender
 from rlfleet.common.weights import checksum_of
+from test_weight_group import _send, _wait_for  # the CPU tests' helpers, same protocol
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,24 +45,6 @@ def _receiver(address: GroupAddress, rank: int, **kw) -> WeightReceiver:
                           idle_timeout_s=60, **kw)  # fmt: skip
 
 
-def _send(sender: WeightSender, version: int, payload: bytearray, cut: int = 5) -> bool:
-    ok = sender.begin(version, len(payload))
-    bounds = [len(payload) * i // cut for i in range(cut + 1)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        ok = ok and sender.send(payload, start, end)
-    return ok and sender.end(checksum_of(payload))
-
-
-def _wait_for(receiver: WeightReceiver, version: int, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = receiver.take("j", version)
-        if got is not None:
-            return got
-        time.sleep(0.01)
-    return None
-
-
 def test_gpu_staged_members_over_gloo_receive_exact_bytes():
     address = _address(3, "gloo")
     on_gpu = _receiver(address, 1, device="cuda:0")
@@ -69,7 +52,7 @@ def test_gpu_staged_members_over_gloo_receive_exact_bytes():
     sender = WeightSender(address, timeout_s=60, device="cuda:0", chunk_bytes=1 << 20)
     for version in (1, 2):
         payload = bytearray(os.urandom((5 << 20) + 12345 * version))
-        assert _send(sender, version, payload), sender.broken
+        assert _send(sender, version, payload, cut=5), sender.broken
         for r in (on_gpu, in_place):
             got = _wait_for(r, version)
             assert got is not None and bytes(got.payload) == bytes(payload), r.broken
@@ -82,7 +65,7 @@ def test_an_nccl_group_across_two_gpus_receives_each_version_exactly():
     sender = WeightSender(address, timeout_s=60, device="cuda:0", chunk_bytes=4 << 20)
     for version in (1, 2, 3):
         payload = bytearray(os.urandom((64 << 20) + version))
-        assert _send(sender, version, payload), sender.broken
+        assert _send(sender, version, payload, cut=5), sender.broken
         got = _wait_for(replica, version)
         assert got is not None and bytes(got.payload) == bytes(payload), replica.broken
 
