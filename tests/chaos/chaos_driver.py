@@ -19,6 +19,12 @@ replica or the trainer) while the trainer is broadcasting a version to it: the t
 runs with ``RLFLEET_WEIGHT_GROUP_PAUSE_S`` (``common/weight_group.py``), which holds each
 version between its first range and the next, and the kill lands the moment its log says
 "weight group G: version N paused": the replicas hold the version's start, not its end.
+
+``kill_mid_background_publish`` kills -9 the trainer while it holds the push of a version
+it has broadcast to weight-sync in the background: the trainer runs with
+``RLFLEET_PUBLISH_PAUSE_S`` (``trainer/job.py``), which holds that push before it starts,
+and the kill lands after its log says "version N: background publish paused" (and a
+test's own condition holds): the replicas hold the version, weight-sync does not.
 """
 
 from __future__ import annotations
@@ -257,6 +263,81 @@ def kill_mid_broadcast(fleet: Fleet, client: redis.Redis, job_id: str, name: str
     return kill
 
 
+PUBLISH_PAUSED = re.compile(r"version (\d+): background publish paused")
+"""What the trainer logs as it holds the push of a broadcast version to weight-sync
+(``_publish_and_settle`` on its background thread, with RLFLEET_PUBLISH_PAUSE_S set)."""
+
+
+@dataclass
+class PublishKill:
+    """One kill -9 of the trainer while it held the background push of ``version``."""
+
+    version: int
+    lag_s: float  # from the trainer's log line (its timestamp) to the kill
+    marker_offset: int  # where that log line ends in the trainer's log
+    killed_offset: int  # where the trainer's log stood right after the kill
+    seen: object = None  # what ``ready`` returned, taken just before the kill
+    passed: list[int] = field(default_factory=list)  # versions whose pause was not ready
+    down: object = None  # what ``while_down`` returned, taken before the restart
+
+    def line(self) -> str:
+        return (f"killed the trainer {self.lag_s * 1000:.0f} ms into the pause before "
+                f"version {self.version}'s background push to weight-sync")  # fmt: skip
+
+
+def kill_mid_background_publish(
+    fleet: Fleet,
+    *,
+    min_version: int,
+    max_version: int | None = None,
+    ready: Callable[[int], object] = lambda version: True,
+    ready_within_s: float = 10.0,
+    while_down: Callable[[int], object] = lambda version: None,
+    within_s: float = 180.0,
+    down_s: float = 0.5,
+) -> PublishKill:
+    """Kills -9 the trainer while it holds the background push of a version in
+    ``min_version``..``max_version`` to weight-sync, then restarts it on its ports after
+    ``down_s``. After the trainer logs that pause, the kill waits until ``ready(version)``
+    returns something true (polled for ``ready_within_s``, which must stay inside the
+    pause; e.g. the next step's samples are in the buffer); when it does not, the next
+    version's pause is tried. ``while_down(version)`` runs while the trainer is down (e.g.
+    to ask weight-sync what it holds). The trainer must run with RLFLEET_PUBLISH_PAUSE_S
+    set."""
+    trainer_log = fleet.procs["trainer"].log_path
+    watch = LogWatch(trainer_log)
+    end = time.monotonic() + within_s
+    tried: list[int] = []
+    while True:
+        found = watch.wait_for(PUBLISH_PAUSED, timeout_s=max(0.0, end - time.monotonic()),
+                               accept=lambda m: int(m[1]) >= min_version)  # fmt: skip
+        if found is None or (max_version is not None and int(found[0][1]) > max_version):
+            raise AssertionError(
+                f"the trainer did not pause a background publish of a version in "
+                f"{min_version}..{max_version} in time (not ready in the pauses of versions "
+                f"{tried}; is RLFLEET_PUBLISH_PAUSE_S set, and the job collective with every "
+                "replica in its weight group?)"
+            )
+        match, marker_offset = found
+        version = int(match[1])
+        give_up = time.monotonic() + ready_within_s
+        while not (seen := ready(version)) and time.monotonic() < give_up:
+            time.sleep(0.01)
+        if seen:
+            break
+        tried.append(version)
+        logger.warning("chaos: not ready to kill in version %d's pause; trying the next", version)
+    fleet.procs["trainer"].kill()
+    ts = _TS.search(match.string)
+    lag_s = time.time() - float(ts[1]) if ts else float("nan")
+    kill = PublishKill(version, lag_s, marker_offset, trainer_log.stat().st_size, seen, tried)
+    logger.warning("chaos: %s", kill.line())
+    kill.down = while_down(version)
+    time.sleep(down_s)  # its peers see it gone (sockets closed) before it is back
+    fleet.restart("trainer")
+    return kill
+
+
 def _running_sequences(address: str) -> int:
     from rlfleet.common.grpc_client import make_channel
     from rlfleet.v1 import rollout_pb2, rollout_pb2_grpc
@@ -380,3 +461,30 @@ def account(client: redis.Redis, job_id: str) -> Accounting:
         step_records=record_steps,
         problems=problems,
     )
+
+
+def wait_until(what: str, predicate, *, timeout: float = 120.0, poll: float = 0.05):
+    """``predicate()``'s first true value; fails the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(poll)
+
+
+def step_records(client: redis.Redis, job_id: str) -> list[dict]:
+    """The scheduler's step records of the job, in order."""
+    return [json.loads(r) for r in client.lrange(f"rlfleet:job:{job_id}:steps", 0, -1)]
+
+
+def trainer_lines(fleet, start: int, end: int | None = None) -> list[dict]:
+    """The trainer's JSON log records between two offsets of its log."""
+    out = []
+    for line in log_between(fleet.procs["trainer"].log_path, start, end):
+        try:  # a progress bar may precede a record on its line
+            out.append(json.loads(line[line.index('{"ts"') :]))
+        except ValueError:  # a traceback or a library's own print
+            out.append({"msg": line})
+    return out

@@ -33,6 +33,7 @@ from chaos_driver import (  # noqa: E402
     ChaosDriver,
     account,
     read_job,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -100,16 +101,6 @@ def _status(proc) -> rollout_pb2.RolloutStatus:
         )
 
 
-def _wait(what: str, predicate, *, timeout: float = 120.0, poll: float = 0.05):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting until {what}"
-        time.sleep(poll)
-
-
 def test_dead_and_hung_replicas_hand_over_and_rejoin(fleet, tiny_model_dir):
     client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
     # Long enough to outlast a replica restart and a hang; cancelled at the end.
@@ -121,16 +112,16 @@ def test_dead_and_hung_replicas_hand_over_and_rejoin(fleet, tiny_model_dir):
     job_id = job.job_id
     step = lambda: read_job(client, job_id)["current_step"]  # noqa: E731
     try:
-        _wait("the job has run a step", lambda: step() >= 1)
+        wait_until("the job has run a step", lambda: step() >= 1)
         # kill -9 rollout-0 while it is generating
         r0 = fleet.procs["rollout-0"]
-        _wait("rollout-0 is generating", lambda: _status(r0).running_sequences > 0, poll=0.01)
+        wait_until("rollout-0 is generating", lambda: _status(r0).running_sequences > 0, poll=0.01)
         r0.kill()
         killed_at = step()
-        _wait("the job moves on without rollout-0", lambda: step() >= killed_at + 2)
+        wait_until("the job moves on without rollout-0", lambda: step() >= killed_at + 2)
         # it comes back on its port and is brought up to the current version
         r0 = fleet.restart("rollout-0")
-        _wait(
+        wait_until(
             "the restarted rollout-0 holds the job's current version",
             lambda: (
                 (s := _status(r0)).job_id == job_id
@@ -140,11 +131,11 @@ def test_dead_and_hung_replicas_hand_over_and_rejoin(fleet, tiny_model_dir):
         )
         # rollout-1 hangs (SIGSTOP keeps its sockets open: only a heartbeat sees it)
         r1 = fleet.procs["rollout-1"]
-        _wait("rollout-1 is generating", lambda: _status(r1).running_sequences > 0, poll=0.01)
+        wait_until("rollout-1 is generating", lambda: _status(r1).running_sequences > 0, poll=0.01)
         os.kill(r1.pid, signal.SIGSTOP)
         try:
             hung_at = step()
-            _wait("the job moves on without rollout-1", lambda: step() >= hung_at + 2)
+            wait_until("the job moves on without rollout-1", lambda: step() >= hung_at + 2)
         finally:
             os.kill(r1.pid, signal.SIGCONT)
         log = fleet.procs["scheduler"].log_path.read_text()
@@ -185,17 +176,19 @@ def test_kill_9_of_one_trainer_rank_mid_step_the_job_resumes_with_exact_books(
                 scheduler_pb2.SubmitJobRequest(spec_json=_spec(tiny_model_dir, 12)), timeout=30
             )
         step = lambda: read_job(client, job.job_id)["current_step"]  # noqa: E731
-        _wait("the job has run two steps", lambda: step() >= 2)
+        wait_until("the job has run two steps", lambda: step() >= 2)
         trainer = fleet.procs["trainer"]
-        [worker] = _wait("the trainer's worker rank", lambda: _worker_ranks(trainer.pid))
+        [worker] = wait_until("the trainer's worker rank", lambda: _worker_ranks(trainer.pid))
         # mid-step: the trainer has read the step's samples and not acknowledged them
         ChaosDriver(fleet, client, job.job_id)._wait_for_work("trainer", "trainer")
         killed_at = step()
         os.kill(worker, signal.SIGKILL)
-        _wait("rank 0 leaves once its group is broken", lambda: not trainer.alive(), timeout=60)
+        wait_until(
+            "rank 0 leaves once its group is broken", lambda: not trainer.alive(), timeout=60
+        )
         assert "a trainer rank is gone" in trainer.log_path.read_text(errors="replace")
         fleet.restart("trainer")
-        _wait("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
+        wait_until("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
               timeout=300)  # fmt: skip
         assert read_job(client, job.job_id)["state"] == "succeeded"
         assert killed_at < 12
@@ -245,16 +238,16 @@ def test_kill_9_of_the_env_service_and_the_scheduler_mid_episode(fleet, tiny_mod
         job = stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec_json=json.dumps(spec)), timeout=30)
     step = lambda: read_job(client, job.job_id)["current_step"]  # noqa: E731
     try:
-        _wait("the job has run two steps", lambda: step() >= 2)
+        wait_until("the job has run two steps", lambda: step() >= 2)
         fleet.procs["env"].kill()
         killed_env_at = step()
         time.sleep(0.5)  # Step calls fail (UNAVAILABLE, retried) while it is down
         fleet.restart("env")
-        _wait("the job moves on", lambda: step() >= killed_env_at + 3, timeout=180)
+        wait_until("the job moves on", lambda: step() >= killed_env_at + 3, timeout=180)
         fleet.procs["scheduler"].kill()
         killed_scheduler_at = step()
         fleet.restart("scheduler")
-        _wait("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
+        wait_until("the job finishes", lambda: read_job(client, job.job_id)["state"] != "running",
               timeout=300)  # fmt: skip
     finally:
         if read_job(client, job.job_id)["state"] == "running":

@@ -46,8 +46,10 @@ from chaos_driver import (  # noqa: E402
     BroadcastKill,
     account,
     kill_mid_broadcast,
-    log_between,
     read_job,
+    step_records,
+    trainer_lines,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -74,40 +76,16 @@ def _spec(model_dir: Path) -> str:
     )
 
 
-def _records(client: redis.Redis, job_id: str) -> list[dict]:
-    return [json.loads(r) for r in client.lrange(f"rlfleet:job:{job_id}:steps", 0, -1)]
-
-
 def _via_group_again(client: redis.Redis, job_id: str, after_step: int) -> dict | None:
     """The first step after ``after_step`` whose version went by broadcast to both replicas."""
     job = read_job(client, job_id)
     assert job["state"] == "running", f"the job ended {job['state']}: {job.get('reason')}"
-    for rec in _records(client, job_id):
+    for rec in step_records(client, job_id):
         m = rec["metrics"]
         via = m.get("replicas_via_weight_group")
         if rec["step"] > after_step and m.get("weights_broadcast") == 1.0 and via == 2.0:
             return rec
     return None
-
-
-def _wait(what: str, predicate, *, timeout: float, poll: float = 0.2):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < end, f"timed out waiting until {what}"
-        time.sleep(poll)
-
-
-def _trainer_lines(fleet: Fleet, start: int, end: int | None = None) -> list[dict]:
-    out = []
-    for line in log_between(fleet.procs["trainer"].log_path, start, end):
-        try:  # a progress bar may precede a record on its line
-            out.append(json.loads(line[line.index('{"ts"') :]))
-        except ValueError:  # a traceback or a library's own print
-            out.append({"msg": line})
-    return out
 
 
 def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_dir):
@@ -129,7 +107,7 @@ def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_
         # 1. A replica, while version 3 or later goes out (two broadcasts went well first).
         kills: list[BroadcastKill] = []
         kills.append(kill_mid_broadcast(fleet, client, job_id, "rollout-0", min_version=3))
-        recovered = _wait("both replicas get a version from a new group again",
+        recovered = wait_until("both replicas get a version from a new group again",
                           lambda: _via_group_again(client, job_id, kills[0].version - 1),
                           timeout=240)  # fmt: skip
         # 2. The trainer, while the next version after that goes out.
@@ -137,12 +115,12 @@ def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_
         assert version + 3 < STEPS, f"too few steps left to see the trainer's kill ({version})"
         kills.append(kill_mid_broadcast(fleet, client, job_id, "trainer",
                                         min_version=version + 1))  # fmt: skip
-        _wait("the job finishes", lambda: read_job(client, job_id)["state"] != "running",
+        wait_until("the job finishes", lambda: read_job(client, job_id)["state"] != "running",
               timeout=300)  # fmt: skip
         wall_s = time.monotonic() - started
 
         books = account(client, job_id)
-        records = _records(client, job_id)
+        records = step_records(client, job_id)
         print(f"\nchaos (weight group): {wall_s:.0f} s with the fleet's start")
         for kill in kills:
             print("  " + kill.line())
@@ -171,12 +149,12 @@ def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_
             assert cut["replicas_via_weight_group"] == 0.0, (kill.line(), cut)
         replica_kill, trainer_kill = kills
         # The replica: the trainer's next range failed, before the step was trained.
-        after = [line.get("msg", "") for line in _trainer_lines(fleet, replica_kill.marker_offset)]
+        after = [line.get("msg", "") for line in trainer_lines(fleet, replica_kill.marker_offset)]
         broken = f"weight group {replica_kill.generation} broken: send failed"
         firsts = [m for m in after if m.startswith(broken) or m == "step trained"]
         assert firsts and firsts[0].startswith(broken), firsts[:2]
         # The trainer: it never finished the step it was broadcasting.
-        died = _trainer_lines(fleet, trainer_kill.marker_offset, trainer_kill.killed_offset)
+        died = trainer_lines(fleet, trainer_kill.marker_offset, trainer_kill.killed_offset)
         assert not [line for line in died if line.get("msg") == "step trained"], died
 
         # Before the first kill every version went by broadcast to both replicas; after

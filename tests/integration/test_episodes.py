@@ -273,3 +273,8 @@ def test_eval_plays_episodes_scored_by_the_environment(service_factory, redis_ur
     by_prompt = [sampled[2 * i : 2 * i + 2] for i in range(3)]
     assert out["eval_pass_at_2"] == pytest.approx(sum(max(r) >= 1.0 for r in by_prompt) / 3)
     assert 1.0 <= out["eval_greedy_env_turns_mean"] <= 3.0
+    assert 1.0 <= out["eval_sampled_env_turns_mean"] <= 3.0
+    steps_of = {req.episode_id: req.turn + 1 for m, req, _ in calls if m == "Step"}
+    assert out["eval_sampled_env_turns_mean"] == pytest.approx(
+        sum(steps_of[r] for r in resets[3:]) / 6
+    )

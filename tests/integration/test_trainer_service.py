@@ -418,13 +418,19 @@ class GatedPublisher(NoPublisher):
         self.gate = threading.Event()
         self.gate.set()
         self.dead = False
+        self.dies_after_push = False  # weight-sync gets the version, the trainer dies then
         self.published: dict[int, bytes] = {}
 
     def publish(self, *, job_id: str, version: int, payload) -> str:
         assert self.gate.wait(120), "the test never opened the gate"
         if self.dead:
             raise ConnectionError("the trainer that made this push is gone")
+        held = self.published.get(version)
+        if held is not None and held != bytes(payload):  # as weight-sync refuses it
+            raise FailedPrecondition(f"version {version} is already held with another payload")
         self.published[version] = bytes(payload)
+        if self.dies_after_push:
+            raise ConnectionError("the trainer died once weight-sync held the version")
         return ""
 
     def fetch(self, *, job_id: str, version: int):
@@ -512,4 +518,51 @@ def test_a_broadcast_version_reaches_weightsync_in_the_background_and_a_crash_re
     assert sorted(fresh.published) == [0, 1, 2, 3]
     assert store.get_settling(job) is None
     assert buffer.pending(job) == 0 and buffer.length(job) == 0
+    restarted.close()
+
+
+def test_a_version_weightsync_got_before_the_trainer_died_is_taken_back_not_retrained(
+    redis_url, tiny_model_dir, rollout_model, tmp_path
+):
+    """The trainer dies after weight-sync holds version 2 and before step 1's result is
+    stored (no checkpoint since the start). Its successor must not train step 1 again:
+    with the base model's AdamW moments it would make another version 2, which
+    weight-sync refuses, and the job could never go on. It takes version 2 back, stores
+    step 1's result with the entries the first trainer took, and step 2 follows."""
+    job = "job-held"
+    publisher = GatedPublisher()
+    store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
+
+    def core_with(publisher):
+        return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
+                           publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
+                           device=torch.device("cpu"), read_timeout_s=10.0)  # fmt: skip
+
+    core = core_with(publisher)
+    core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=0, seed=8))
+    assert core.train_step(job, 0, 6).version == 1
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=1, seed=9))
+    publisher.dies_after_push = True
+    with pytest.raises(ConnectionError):
+        core.train_step(job, 1, 6)
+    taken = store.get_settling(job)
+    assert taken is not None and taken.step == 1 and store.get_result(job, 1) is None
+    held = publisher.published[2]
+
+    fresh = GatedPublisher()
+    fresh.published = dict(publisher.published)  # weight-sync's versions
+    restarted = core_with(fresh)
+    again = restarted.train_step(job, 1, 6)  # the scheduler repeats the step that failed
+    assert again.version == 2 and again.entry_ids == taken.entry_ids
+    assert store.get_result(job, 1).entry_ids == taken.entry_ids
+    assert fresh.published[2] == held and store.get_settling(job) is None
+    assert buffer.pending(job) == 0
+    served = decode_state_dict(held)
+    trainer_state = restarted.jobs[job].model.state_dict()
+    for name, tensor in served.items():
+        assert torch.equal(trainer_state[name], tensor), name  # version 2 is the one held
+    buffer.append(job, make_samples(rollout_model, tiny_model_dir, job_id=job, step=2, seed=10))
+    assert restarted.train_step(job, 2, 6).version == 3
+    assert sorted(fresh.published) == [0, 1, 2, 3] and buffer.pending(job) == 0
     restarted.close()

@@ -430,9 +430,11 @@ class WeightsSpec(_Spec):
     collective: the trainer also broadcasts it over a process group of the job's
     replicas while it gathers it (``common/weight_group.py``), and weight-sync serves only
     those that missed it (a late joiner, a broken group)."""
-    group_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """collective: the group's backend. auto: nccl when the trainer trains on a GPU, else
-    gloo. A replica whose engine has no GPU refuses an nccl group and takes the TCP path."""
+    group_backend: Literal["gloo", "nccl"] = "gloo"
+    """collective: the group's backend. gloo moves host bytes and runs anywhere; nccl
+    needs the trainer and every replica on GPUs of their own (not yet run on a GPU here:
+    docs/WEIGHTS.md). A replica whose engine has no GPU refuses an nccl group and takes
+    the TCP path."""
     group_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """How long the trainer waits for the replicas to join, or for one broadcast, before it
     gives the group up (the version still reaches them from weight-sync)."""
@@ -443,7 +445,7 @@ class WeightsSpec(_Spec):
 
     @model_validator(mode="after")
     def _backend_needs_a_group(self) -> WeightsSpec:
-        if self.group_backend != "auto" and self.transport != "collective":
+        if self.group_backend != "gloo" and self.transport != "collective":
             raise ValueError(
                 f"weights.group_backend {self.group_backend!r} applies to a weight group; "
                 'set weights.transport to "collective" or leave group_backend out'

@@ -15,21 +15,30 @@ verified is handed over; a broken group (a member died, a timeout) is dropped by
 sides, and the TCP path, which every version still takes, serves instead.
 
 Backends (``GroupAddress.backend``): ``gloo`` for members on CPUs, ``nccl`` for members
-on GPUs (each on a distinct one). Bytes go in chunks of the sender's ``chunk_bytes``,
-announced as a version begins, so every member broadcasts the same pieces. A member on
-the CPU moves each chunk in place (zero copy); a member on a GPU passes it through one
-staging bucket on its device (host → bucket → broadcast on the sender, broadcast →
-bucket → host on a receiver), so GPU memory stays bounded whatever the model size, and
-the host payload, its checksum and the load path stay those of the TCP path. The
-staging also runs on the CPU when a test asks for it (``staged=True``), and over gloo
-on CUDA tensors on a one-GPU machine (scripts/gpu_check.sh). NCCL's own failure handling would tear the
-whole process down on a timeout; the group is built with blocking waits instead, so a
-dead member surfaces as an exception here, as with gloo, and only the group is dropped.
+on GPUs (each on a distinct one: NCCL refuses two ranks on one device). Either way the
+control messages travel over a gloo group on the host, where versions begin and end and
+where replicas wait between versions; with nccl the bytes go over an NCCL group beside
+it, used only between a version's begin and end (no NCCL kernel waits on a replica's GPU
+during its rollouts, and a member that leaves closes the gloo connections, which the
+others see at once). Both groups connect at join time (a first "hello" on each, in the
+join threads, under their timeouts): NCCL would otherwise connect lazily inside the
+trainer's first broadcast. Bytes go in chunks of the sender's ``chunk_bytes``, announced
+as a version begins, so every member broadcasts the same pieces. A member on the CPU
+moves each chunk in place (zero copy); a member on a GPU passes it through one staging
+bucket on its device (host → bucket → broadcast on the sender, broadcast → bucket →
+host on a receiver), so GPU memory stays bounded whatever the model size, and the host
+payload, its checksum and the load path stay those of the TCP path. The staging also
+runs on the CPU when a test asks for it (``staged=True``), and over gloo on CUDA tensors
+on a one-GPU machine (scripts/gpu_check.sh). NCCL's own failure handling would tear the
+whole process down on a timeout; its group is built with blocking waits, without the
+heartbeat monitor, so a dead member surfaces as an exception here, as with gloo, and
+only the group is dropped (its communicators aborted).
 
 Messages, each a broadcast from rank 0: a control tensor of four int64
-``[kind, a, b, c]``, then for a range its bytes. Kinds: a version begins (a = version,
-b = payload bytes, c = chunk bytes), a range follows (a = start, b = end), the version ends (a = checksum
-length; the checksum follows as bytes), the version is abandoned.
+``[kind, a, b, c]``, then for a range its bytes. Kinds: hello (once, at join), a version
+begins (a = version, b = payload bytes, c = chunk bytes), a range follows (a = start,
+b = end), the version ends (a = checksum length; the checksum follows as bytes), the
+version is abandoned.
 
 The sender logs "weight group G: broadcasting version N" as a version begins.
 
@@ -42,6 +51,7 @@ service: it delays every version by that much.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -57,7 +67,7 @@ from rlfleet.common.weights import Buffer, verify_checksum
 
 logger = logging.getLogger(__name__)
 
-BEGIN, RANGE, END, ABANDON = 1, 2, 3, 4
+BEGIN, RANGE, END, ABANDON, HELLO = 1, 2, 3, 4, 5
 _CHECKSUM_BYTES = 256
 BACKENDS = ("gloo", "nccl")
 CHUNK_BYTES = 64 << 20
@@ -78,34 +88,48 @@ class GroupAddress:
 
 
 _NCCL_ENV = threading.Lock()  # NCCL reads its failure handling from the environment
+DATA_TIMEOUT_S = 300.0
+"""How long a replica waits in one broadcast of bytes (nccl): only between a version's
+begin and end, while the trainer gathers the next bucket."""
 
 
-def _connect(address: GroupAddress, rank: int, timeout_s: float) -> dist.ProcessGroup:
-    """Joins the group (blocks until every member has): rank 0 serves the store."""
+def _connect(address: GroupAddress, rank: int, timeout_s: float, *,
+             data_timeout_s: float) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:  # fmt: skip
+    """Joins the group (blocks until every member has): rank 0 serves the store. Returns
+    (control, data): control is gloo on the host, where versions begin and end and where
+    members wait between versions; data carries the bytes: the same group for gloo, an
+    NCCL group for nccl (so no NCCL kernel waits on a GPU between versions, and a member
+    that leaves closes the control group's connections, which the others see at once)."""
     if address.backend not in BACKENDS:
         raise ValueError(f"weight group backend {address.backend!r} is not supported; use "
                          f"one of {', '.join(BACKENDS)}")  # fmt: skip
+    if address.backend == "nccl" and not dist.is_nccl_available():
+        raise RuntimeError("this torch build has no NCCL; use the gloo weight group")
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(address.host, address.port, address.world_size, is_master=rank == 0,
                           timeout=timeout, wait_for_workers=False)  # fmt: skip
-    prefixed = dist.PrefixStore(f"rlfleet-weights/{address.generation}", store)
-    # The prefix store holds the TCPStore (rank 0: its server) for as long as the group.
+    prefix = f"rlfleet-weights/{address.generation}"
+    # The prefix stores hold the TCPStore (rank 0: its server) for as long as the groups.
+    control = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, address.world_size,
+                                    timeout)  # fmt: skip
     if address.backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, address.world_size, timeout)
-    return _nccl_group(prefixed, rank, address.world_size, timeout)
+        return control, control
+    data = _nccl_group(dist.PrefixStore(f"{prefix}/nccl", store), rank, address.world_size,
+                       timedelta(seconds=data_timeout_s))  # fmt: skip
+    return control, data
 
 
 def _nccl_group(store: dist.Store, rank: int, world_size: int,
                 timeout: timedelta) -> dist.ProcessGroup:  # fmt: skip
     """An NCCL group whose failures raise in the waiting thread: by default NCCL's
-    watchdog ends the whole process when a member dies, which must not happen to the
-    trainer (or a replica) over a group that is only a shortcut. Each group reads these
-    settings once, as it is built; the job's own training group keeps its own."""
-    if not dist.is_nccl_available():
-        raise RuntimeError("this torch build has no NCCL; use the gloo weight group")
+    watchdog (and its heartbeat monitor) end the whole process when a member dies, which
+    must not happen to the trainer (or a replica) over a group that is only a shortcut.
+    Each group reads these settings once, as it is built; the job's own training group
+    keeps its own."""
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = timeout
-    overrides = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+    overrides = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0",
+                 "TORCH_NCCL_ENABLE_MONITORING": "0", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}  # fmt: skip
     with _NCCL_ENV:
         saved = {k: os.environ.get(k) for k in overrides}
         os.environ.update(overrides)
@@ -133,29 +157,39 @@ def _bytes_of(buf: Buffer, start: int, end: int) -> torch.Tensor:
 
 
 class _Wire:
-    """One member's end of the group's messages, on its device: control tensors, and a
-    payload's bytes in pieces of ``chunk_bytes`` (the sender's, announced with each
-    version: every member must broadcast the same pieces), each moved in place (CPU) or
-    through a staging bucket on the device."""
+    """One member's end of the group's messages: control tensors and checksums on the
+    host (the control group), and a payload's bytes over the data group in pieces of
+    ``chunk_bytes`` (the sender's, announced with each version: every member must
+    broadcast the same pieces), each moved in place (CPU) or through a staging bucket on
+    the member's device."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, *, staged: bool,
-                 chunk_bytes: int) -> None:  # fmt: skip
-        self.group, self.device = group, device
+    def __init__(self, groups: tuple[dist.ProcessGroup, dist.ProcessGroup],
+                 device: torch.device, *, staged: bool, chunk_bytes: int) -> None:  # fmt: skip
+        (self.control_group, self.data_group), self.device = groups, device
         self.staged, self.chunk_bytes = staged, chunk_bytes
         self._bucket: torch.Tensor | None = None  # made at the first staged piece, kept
 
     def control(self, values: list[int] | None = None) -> list[int]:
         """Rank 0 sends ``values`` (four ints); the others receive them."""
-        t = torch.tensor(values or [0, 0, 0, 0], dtype=torch.int64, device=self.device)
-        _broadcast(self.group, t)
+        t = torch.tensor(values or [0, 0, 0, 0], dtype=torch.int64)
+        _broadcast(self.control_group, t)
         return t.tolist()
 
     def blob(self, data: bytes | None = None, size: int = 0) -> bytes:
         """Rank 0 sends ``data`` (``size`` bytes, zero-padded); the others receive it."""
-        raw = list((data or b"").ljust(size, b"\0"))
-        t = torch.tensor(raw, dtype=torch.uint8, device=self.device)
-        _broadcast(self.group, t)
+        t = torch.tensor(list((data or b"").ljust(size, b"\0")), dtype=torch.uint8)
+        _broadcast(self.control_group, t)
         return bytes(t.tolist())
+
+    def hello(self) -> None:
+        """The first message, on both groups: NCCL connects lazily, at its first
+        collective, so this makes every member connect inside the join threads (under
+        their timeouts) rather than in the trainer's first broadcast of a version."""
+        kind = self.control([HELLO, 0, 0, 0])[0]
+        if kind != HELLO:
+            raise ValueError(f"weight group protocol: expected hello, got {kind}")
+        if self.data_group is not self.control_group:
+            _broadcast(self.data_group, torch.zeros(1, dtype=torch.uint8, device=self.device))
 
     def payload(self, buf: Buffer, start: int, end: int, *, send: bool) -> None:
         """Moves ``buf[start:end]`` from rank 0 into every member's ``buf``."""
@@ -163,12 +197,12 @@ class _Wire:
             n = min(self.chunk_bytes, end - offset)
             host = _bytes_of(buf, offset, offset + n)
             if not self.staged:
-                _broadcast(self.group, host)
+                _broadcast(self.data_group, host)
                 continue
             bucket = self._stage(n)
             if send:
                 bucket.copy_(host)
-            _broadcast(self.group, bucket)
+            _broadcast(self.data_group, bucket)
             if not send:
                 host.copy_(bucket)  # ordered after the broadcast on the device's stream
 
@@ -177,6 +211,15 @@ class _Wire:
             self._bucket = None  # the old one goes before the new one is made
             self._bucket = torch.empty(self.chunk_bytes, dtype=torch.uint8, device=self.device)
         return self._bucket[:n]
+
+    def abort(self) -> None:
+        """Frees the data group's NCCL communicators (a broken or replaced group)."""
+        if self.data_group is not self.control_group:
+            abort = getattr(self.data_group, "abort", None)
+            with contextlib.suppress(Exception):
+                if abort is not None:
+                    abort()
+        self._bucket = None
 
 
 def _staging(device: str, staged: bool | None) -> tuple[torch.device, bool]:
@@ -209,9 +252,11 @@ class WeightSender:
 
     def _join(self) -> None:
         try:
-            group = _connect(self.address, 0, self.timeout_s)
-            self._wire = _Wire(group, self._device, staged=self._staged,
-                               chunk_bytes=self._chunk_bytes)  # fmt: skip
+            groups = _connect(self.address, 0, self.timeout_s, data_timeout_s=self.timeout_s)
+            wire = _Wire(groups, self._device, staged=self._staged,
+                         chunk_bytes=self._chunk_bytes)  # fmt: skip
+            wire.hello()
+            self._wire = wire
         except Exception as exc:  # noqa: BLE001 - reported by the next send
             self.broken = f"the replicas did not all join: {exc}"
         finally:
@@ -237,7 +282,7 @@ class WeightSender:
             logger.warning("weight group %d broken: %s", self.address.generation, self.broken)
             # Its connections close with it, so the other members leave at once instead of
             # waiting mid-version (holding a buffer) until the next group forms.
-            self._wire = None
+            self._drop()
             return False
 
     def begin(self, version: int, num_bytes: int) -> bool:
@@ -280,7 +325,12 @@ class WeightSender:
 
     def close(self) -> None:
         self.broken = self.broken or "closed"
-        self._wire = None
+        self._drop()
+
+    def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.abort()
 
 
 @dataclass
@@ -332,17 +382,23 @@ class WeightReceiver:
             self.release(old.payload)
 
     def _run(self) -> None:
+        wire = None
         try:
             if self._device.type == "cuda":  # this thread's NCCL calls run on its device
                 torch.cuda.set_device(self._device)
-            group = _connect(self.address, self.rank, self.idle_timeout_s)
-            wire = _Wire(group, self._device, staged=self._staged, chunk_bytes=CHUNK_BYTES)
+            groups = _connect(self.address, self.rank, self.idle_timeout_s,
+                              data_timeout_s=DATA_TIMEOUT_S)  # fmt: skip
+            wire = _Wire(groups, self._device, staged=self._staged, chunk_bytes=CHUNK_BYTES)
+            wire.hello()
             while not self._stop:
                 self._receive_version(wire)
         except Exception as exc:  # noqa: BLE001 - the group is gone; the TCP path serves
             self.broken = str(exc) or type(exc).__name__
             if not self._stop:
                 logger.warning("weight group %d left: %s", self.address.generation, self.broken)
+        finally:
+            if wire is not None:
+                wire.abort()
 
     def _receive_version(self, wire: _Wire) -> None:
         kind, version, num_bytes, chunk_bytes = wire.control()

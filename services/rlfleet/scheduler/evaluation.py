@@ -95,13 +95,14 @@ class Evaluator:
         }
         k = self.cfg.pass_k
         if k > 1:
-            sampled, _ = self._rewards(job_id, version, stop, samples=k,
+            sampled, sampled_extra = self._rewards(job_id, version, stop, samples=k,
                                        temperature=self.spec.sampling.temperature,
                                        step=step)  # fmt: skip
             out["eval_sampled_reward_mean"] = _mean([x for r in sampled for x in r])
             out[f"eval_pass_at_{k}"] = _share(
                 [any(x >= self.cfg.correct_at for x in r) for r in sampled]
             )
+            extra.update(sampled_extra)
         out.update(extra)
         for name, value in out.items():
             EVAL_SCORE.labels(job_id, name.removeprefix("eval_")).set(value)

@@ -14,6 +14,7 @@ group that cannot be formed costs speed, never a version.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from rlfleet.common.errors import RlfleetError
@@ -44,13 +45,21 @@ class WeightGroups:
         members = tuple(r.address for r in replicas)
         if not members or self._members.get(job_id) == members:
             return
-        backend = "" if spec.weights.group_backend == "auto" else spec.weights.group_backend
-        joined = self._form(job_id, replicas, backend)
-        if 0 < len(joined) < len(replicas):  # again without those that could not join
-            again = self._form(job_id, joined, backend)
-            joined = again if len(again) == len(joined) else []
+        backend = spec.weights.group_backend
+        try:
+            joined = self._form(job_id, replicas, backend)
+            if 0 < len(joined) < len(replicas):  # again without those that could not join
+                again = self._form(job_id, joined, backend)
+                joined = again if len(again) == len(joined) else []
+        except RlfleetError as exc:  # tried again before the next step
+            logger.warning("job %s: the trainer opened no weight group (%s); the replicas get "
+                           "this version from weight-sync", job_id, exc.message)  # fmt: skip
+            self._members.pop(job_id, None)
+            self._joined.pop(job_id, None)
+            return
         if not joined:  # the trainer stops broadcasting until the replicas change
-            self.clients.open_weight_group(job_id, 0)
+            with contextlib.suppress(RlfleetError):  # a restarted trainer has no group
+                self.clients.open_weight_group(job_id, 0)
         self._members[job_id] = members
         self._joined[job_id] = tuple(r.address for r in joined)
 

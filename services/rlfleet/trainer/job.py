@@ -10,12 +10,14 @@ A step, in the order that keeps experience safe across crashes:
    when a checkpoint is due, every rank starts writing its optimizer shards (DCP)
    and a background thread writes the payload and the rest of the checkpoint
    (``checkpoint.py``), off the step's critical path; the job's last step waits for it;
-5. publish version step + 1 to weight-sync;
-6. store the step result (idempotency), then acknowledge the entries.
+5. mark the result "settling" in Redis, then publish version step + 1 to weight-sync;
+6. store the step result (idempotency) and drop the mark, then acknowledge the entries.
 
-If the process dies before 6 the entries stay pending for the next trainer
-(step 1 picks them up again); if it dies between storing and acknowledging, a
-repeated TrainStep re-acknowledges them.
+If the process dies before 6 the entries stay pending for the next trainer: when
+weight-sync already holds the version (it died between 5 and 6), its successor takes
+that version back and settles the step (a retrain would make another payload under the
+same version number, which weight-sync refuses); otherwise step 1 picks them up again.
+If it dies between storing and acknowledging, a repeated TrainStep re-acknowledges them.
 
 With a weight group that reaches every replica (``background``: the scheduler says
 so), the step returns once the version is broadcast, and 5-6 run on a thread of
@@ -24,16 +26,24 @@ The result is marked "settling" in Redis first; the next TrainStep (or a repeate
 one, or InitJob) waits for 5-6 before anything else, so entries are acknowledged
 only once weight-sync holds their version. A trainer that dies in between leaves
 the mark and the entries pending: its successor retrains that step from exactly
-those entries and publishes the version (``_retrain_unsettled``). The replicas
+those entries and publishes the version, or takes it back from weight-sync when the push
+had ended (``_retrain_unsettled``). The replicas
 sampled the next step with the broadcast of the first training; the trainer's
 log-probs come from the retrained one, and IcePop corrects the difference, as for
 any train/inference mismatch. A step due for a checkpoint publishes in the
 foreground (the checkpoint writer takes the payload).
+
+Fault tests only: ``RLFLEET_PUBLISH_PAUSE_S`` (seconds, default 0), read once when this
+module is imported, makes a push running in the background sleep that long before it
+starts, after logging "version N: background publish paused X.XXs (...)", so a test can
+kill the trainer while the replicas hold a version that weight-sync does not
+(tests/chaos). Leave it unset in service: it delays every background push by that much.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -62,6 +72,10 @@ from rlfleet.trainer.publish import (
 from rlfleet.trainer.state import StepResult, TrainerStore
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_PAUSE_ENV = "RLFLEET_PUBLISH_PAUSE_S"
+"""Fault-injection knob (tests only): seconds a background push waits before it starts."""
+_PUBLISH_PAUSE_S = float(os.environ.get(PUBLISH_PAUSE_ENV) or 0.0)
 
 
 class JobTrainer:
@@ -216,14 +230,31 @@ class JobTrainer:
         self.buffer.ack(self.job_id, result.entry_ids)
 
     def _retrain_unsettled(self) -> None:
-        """A step whose version was broadcast but never reached weight-sync (the trainer
-        died while publishing it in the background): train it again from exactly the
-        entries it took, and publish it."""
+        """A step trained but never settled (the trainer died while publishing it, in the
+        background or not): when weight-sync holds its version after all (the push ended,
+        the result was not stored), take that version back and settle the step; else train
+        it again from exactly the entries it took, and publish it. Retraining a version
+        weight-sync holds would make another payload under the same number (the optimizer
+        moments come from an older checkpoint), which weight-sync refuses."""
         mark = self.store.get_settling(self.job_id)
         if mark is None:
             return
         if mark.step != self.version or self.store.get_result(self.job_id, mark.step):
             self.store.clear_settling(self.job_id)  # it was published after all
+            return
+        state = self.publisher.fetch(job_id=self.job_id, version=mark.version)
+        if state is not None:
+            self.mirror.call(self.job_id, "load_weights", main_only=(state,))
+            logger.warning(
+                "step %d's version reached weight-sync before the trainer died; taking it "
+                "back (optimizer moments are older)",
+                mark.step,
+                extra={"job_id": self.job_id, "step": mark.step, "version": mark.version},
+            )
+            self.version, self.last_step = mark.version, mark.step
+            mark.checkpoint_path = ""  # not written: the next checkpoint is due as usual
+            self.store.settled(self.job_id, mark)
+            self.buffer.ack(self.job_id, mark.entry_ids)
             return
         entries = self.buffer.claim(self.job_id, self.consumer, mark.entry_ids)
         if len(entries) != len(mark.entry_ids):
@@ -233,7 +264,7 @@ class JobTrainer:
                 f"{len(mark.entry_ids)} samples are no longer in the buffer to train it again"
             )
         logger.warning(
-            "step %d's version was broadcast but never reached weight-sync; training the "
+            "step %d's version never reached weight-sync; training the "
             "step again from its %d samples",
             mark.step,
             len(entries),
@@ -321,6 +352,9 @@ class JobTrainer:
             self._observe(result)
             return result
         try:
+            # Marked first: a trainer that dies once weight-sync holds the version, before
+            # the result is stored, leaves its successor the step to settle (see above).
+            self.store.put_settling(self.job_id, result)
             self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
             if result.checkpoint_path and not Path(result.checkpoint_path).is_dir():
                 self._checkpoint(result, payload)
@@ -340,12 +374,24 @@ class JobTrainer:
         """Publishes a broadcast version to weight-sync, then stores the result and
         acknowledges its entries (the background thread; again in the foreground when
         that failed). The payload goes back only once weight-sync holds it."""
+        self._pause_background_publish(result.version)
         start = time.perf_counter()
         self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
         self.store.settled(self.job_id, result)
         self.buffer.ack(self.job_id, result.entry_ids)
         self._payloads.give(payload)
         prom.BACKGROUND_PUBLISH_SECONDS.labels(self.job_id).observe(time.perf_counter() - start)
+
+    def _pause_background_publish(self, version: int) -> None:
+        """Fault tests (``RLFLEET_PUBLISH_PAUSE_S``): a push on the background thread (the
+        ``pub-<job>`` executor, not a foreground retry) waits before it starts."""
+        if _PUBLISH_PAUSE_S <= 0 or not threading.current_thread().name.startswith(
+            f"pub-{self.job_id}_"
+        ):
+            return
+        logger.info("version %d: background publish paused %.2fs (%s)", version,
+                    _PUBLISH_PAUSE_S, PUBLISH_PAUSE_ENV, extra={"job_id": self.job_id})  # fmt: skip
+        time.sleep(_PUBLISH_PAUSE_S)
 
     def _join_published(self) -> None:
         """Waits for the background publish of the previous step; one that failed (e.g.
@@ -432,21 +478,20 @@ class JobTrainer:
     def open_weight_group(self, world_size: int, backend: str = "") -> GroupAddress | None:
         """A new weight group for the job (the previous one is dropped); returns where its
         members meet. Versions trained from now on are broadcast over it. ``backend``:
-        gloo, nccl, or "" for nccl on a GPU, else gloo. World size 0 only closes the group
-        (None)."""
+        gloo (also ""), or nccl. World size 0 only closes the group (None)."""
         if world_size == 1 or world_size < 0:
             raise InvalidArgument(
                 f"a weight group needs the trainer and at least one replica; world_size is "
                 f"{world_size} (0 closes the job's group)"
             )
-        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        backend = backend or "gloo"
         if backend not in BACKENDS:
             raise InvalidArgument(f"weight group backend {backend!r} is not one of "
                                   f"{', '.join(BACKENDS)}")  # fmt: skip
         if backend == "nccl" and self.device.type != "cuda":
             raise FailedPrecondition(
                 f"this trainer trains on {self.device.type}; an nccl weight group needs a GPU "
-                "(set weights.group_backend to gloo or auto)"
+                "(set weights.group_backend to gloo)"
             )
         with self._lock:
             if self._sender is not None:

@@ -6,7 +6,8 @@ and without CUDA they skip, which CI expects of `gpu` tests.
   straddle ranges, beside a member that moves them in place on the CPU;
 - two GPUs or more: a real nccl group, the trainer on cuda:0 and a replica on cuda:1,
   receives versions exactly; a replica killed (-9) mid-version makes the sender's next
-  broadcast fail (blocking wait: an exception, not the end of the trainer's process).
+  broadcast fail (blocking wait: an exception, not the end of the trainer's process);
+  the trainer killed mid-version leaves the replica out of the group, holding nothing.
   NCCL refuses two ranks on one GPU, so one GPU skips these;
 - a rollout replica whose torch engine is on the GPU joins an nccl group on its device.
 """
@@ -96,6 +97,37 @@ def test_an_nccl_member_killed_mid_version_breaks_the_group_not_the_process():
         assert not ok and sender.broken  # an exception here; this process lives on
     finally:
         victim.kill()
+
+
+_TRAINER = """
+import sys, time
+from rlfleet.common.weight_group import GroupAddress, WeightSender
+address = GroupAddress("127.0.0.1", int(sys.argv[1]), 2, int(sys.argv[2]), "nccl")
+sender = WeightSender(address, timeout_s=60, device="cuda:0", chunk_bytes=1 << 20)
+payload = bytearray(8 << 20)
+sender.begin(1, len(payload))
+sender.send(payload, 0, 1 << 20)
+print("sent", flush=True)
+time.sleep(600)
+"""
+
+
+@two_gpus
+def test_the_trainer_killed_mid_version_over_nccl_leaves_no_half_version():
+    address = _address(2, "nccl")
+    replica = _receiver(address, 1, device="cuda:1")
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(address.port),
+                                str(address.generation)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert trainer.stdout.readline().strip() == "sent"
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(10)
+        end = time.monotonic() + 60  # the control group's connection closes with it
+        while not replica.broken and time.monotonic() < end:
+            time.sleep(0.05)
+        assert replica.broken and replica.take("j", 1) is None
+    finally:
+        trainer.kill()
 
 
 def test_a_replica_on_the_gpu_joins_an_nccl_group_on_its_device(monkeypatch):

@@ -38,7 +38,7 @@ def core(make_core):
         (
             {"weights": {"transport": "collective", "group_backend": "mpi"}},
             "weights.group_backend",
-            "'auto', 'gloo' or 'nccl'",
+            "'gloo' or 'nccl'",
         ),  # fmt: skip
     ],
 )

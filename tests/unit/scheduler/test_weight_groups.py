@@ -11,7 +11,9 @@ its receiver never connects, which this test does not need.
 - nccl: replicas without a GPU refuse with a sentence, the group is opened again with
   the one that accepted, and does not cover the fleet (so the trainer publishes in the
   foreground); when none accepts, the trainer's group is closed (world size 0) and the
-  scheduler does not try again until the replicas change.
+  scheduler does not try again until the replicas change;
+- a trainer that refuses to open a group (nccl on a CPU trainer, a restart) costs the
+  step its broadcast, not the job: the scheduler tries again before the next step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from rlfleet.common.config import ServiceConfig
+from rlfleet.common.errors import FailedPrecondition
 from rlfleet.common.grpc_server import start_server
 from rlfleet.common.jobspec import JobSpec
 from rlfleet.common.procs import free_port
@@ -49,8 +52,12 @@ class _Trainer:
     opened: list[tuple[int, str]] = field(default_factory=list)
     sender: WeightSender | None = None
 
+    refuse: str = ""  # a sentence: the trainer refuses to open a group
+
     def open_weight_group(self, job_id: str, world_size: int, backend: str = ""):
         self.opened.append((world_size, backend))
+        if self.refuse:
+            raise FailedPrecondition(self.refuse)
         if self.sender is not None:
             self.sender.close()
             self.sender = None
@@ -134,3 +141,14 @@ def test_an_nccl_group_nobody_can_join_is_closed_and_not_retried(fleet):
     groups.after_step("j", {"weights_broadcast": 0.0})  # no group to re-form
     groups.ensure("j", spec)
     assert len(trainer.opened) == 2
+
+
+def test_a_trainer_that_opens_no_group_is_asked_again_next_step(fleet, caplog):
+    groups, trainer, _ = _groups(fleet[:2])
+    spec = _spec("nccl")
+    trainer.refuse = "this trainer trains on cpu; an nccl weight group needs a GPU"
+    groups.ensure("j", spec)  # does not raise: the step goes on through weight-sync
+    assert "the trainer opened no weight group (this trainer trains on cpu" in caplog.text
+    assert not groups.covers("j", spec)
+    groups.ensure("j", spec)
+    assert trainer.opened == [(3, "nccl"), (3, "nccl")]  # asked again
