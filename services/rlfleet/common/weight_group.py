@@ -252,11 +252,16 @@ class WeightSender:
 
     def _join(self) -> None:
         try:
+            if self._device.type == "cuda":  # this thread's NCCL calls run on its device
+                torch.cuda.set_device(self._device)
             groups = _connect(self.address, 0, self.timeout_s, data_timeout_s=self.timeout_s)
             wire = _Wire(groups, self._device, staged=self._staged,
                          chunk_bytes=self._chunk_bytes)  # fmt: skip
             wire.hello()
-            self._wire = wire
+            if self.broken:  # closed while it formed: the replicas leave with its connections
+                wire.abort()
+            else:
+                self._wire = wire
         except Exception as exc:  # noqa: BLE001 - reported by the next send
             self.broken = f"the replicas did not all join: {exc}"
         finally:
