@@ -488,3 +488,14 @@ def trainer_lines(fleet, start: int, end: int | None = None) -> list[dict]:
         except ValueError:  # a traceback or a library's own print
             out.append({"msg": line})
     return out
+
+
+def submit_job(fleet: Fleet, spec_json: str) -> str:
+    """Submits a job to the fleet's scheduler; its id."""
+    from rlfleet.common.grpc_client import make_channel
+    from rlfleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with make_channel(fleet.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        request = scheduler_pb2.SubmitJobRequest(spec_json=spec_json)
+        return stub.SubmitJob(request, timeout=30).job_id

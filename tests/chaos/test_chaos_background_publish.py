@@ -43,8 +43,6 @@ from rlfleet.common.grpc_client import make_channel
 from rlfleet.trainer.job import PUBLISH_PAUSE_ENV
 from rlfleet.v1 import (
     common_pb2,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
     weightsync_pb2,
     weightsync_pb2_grpc,
 )
@@ -57,6 +55,7 @@ from chaos_driver import (  # noqa: E402
     kill_mid_background_publish,
     read_job,
     step_records,
+    submit_job,
     trainer_lines,
     wait_until,
 )
@@ -133,11 +132,7 @@ def test_kill_9_of_the_trainer_during_a_background_publish(tmp_path, tiny_model_
     fleet.start()
     client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
     try:
-        with make_channel(fleet.scheduler_address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-            job_id = stub.SubmitJob(
-                scheduler_pb2.SubmitJobRequest(spec_json=_spec(tiny_model_dir)), timeout=30
-            ).job_id
+        job_id = submit_job(fleet, _spec(tiny_model_dir))
         replica_logs = {n: fleet.procs[n].log_path.stat().st_size for n in REPLICAS}
 
         kill = kill_mid_background_publish(

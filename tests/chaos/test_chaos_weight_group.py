@@ -37,7 +37,7 @@ import redis
 from rlfleet.cli.fleet import Fleet, FleetOptions
 from rlfleet.common.grpc_client import make_channel
 from rlfleet.common.weight_group import PAUSE_ENV
-from rlfleet.v1 import scheduler_pb2, scheduler_pb2_grpc, weightsync_pb2, weightsync_pb2_grpc
+from rlfleet.v1 import weightsync_pb2, weightsync_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +48,7 @@ from chaos_driver import (  # noqa: E402
     kill_mid_broadcast,
     read_job,
     step_records,
+    submit_job,
     trainer_lines,
     wait_until,
 )
@@ -97,11 +98,7 @@ def test_kill_9_of_a_replica_and_the_trainer_mid_broadcast(tmp_path, tiny_model_
     fleet.start()
     client = redis.Redis(port=fleet.redis.port, password=PASSWORD)
     try:
-        with make_channel(fleet.scheduler_address) as channel:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-            job_id = stub.SubmitJob(
-                scheduler_pb2.SubmitJobRequest(spec_json=_spec(tiny_model_dir)), timeout=30
-            ).job_id
+        job_id = submit_job(fleet, _spec(tiny_model_dir))
         replica_logs = {n: fleet.procs[n].log_path.stat().st_size for n in REPLICAS}
 
         # 1. A replica, while version 3 or later goes out (two broadcasts went well first).
