@@ -15,8 +15,8 @@ turn that calls python with a small program:
 The model's turn is a canned tool call (no model runs: the rollout itself is the same
 either way, and a tiny model does not call tools); the env service, the sandbox, the
 chat-template rendering of the tool's reply and the gRPC calls are the product's.
-Rounds alternate between the two (3; quick: 2), fresh episodes each, and the median
-per round is kept. The verdict: baseline seconds over rlfleet's >= 1.5 (a sandbox start
+Rounds alternate between the two (3; quick: 2), fresh episodes each, and each way's
+median over its rounds is kept. The verdict: baseline seconds over rlfleet's >= 1.5 (a sandbox start
 is CPU work, so the machine's cores bound the gain; printed with the cores).
 """
 

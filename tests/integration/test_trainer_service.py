@@ -8,6 +8,7 @@ has something to mask.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -438,6 +439,13 @@ class GatedPublisher(NoPublisher):
         return decode_state_dict(raw) if raw is not None else None
 
 
+def _core(redis_url: str, store: TrainerStore, tmp_path, publisher) -> TrainerCore:
+    """A trainer on the CPU over the test's Redis, pushing to ``publisher``."""
+    return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
+                       publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
+                       device=torch.device("cpu"), read_timeout_s=10.0)  # fmt: skip
+
+
 def _taken(replica, job: str, version: int, timeout: float = 30.0):
     """The version the replica's receiving thread has verified (it may still be checking
     the checksum when the trainer's broadcast returns)."""
@@ -461,10 +469,7 @@ def test_a_broadcast_version_reaches_weightsync_in_the_background_and_a_crash_re
     publisher = GatedPublisher()
     store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
 
-    def core_with(publisher):
-        return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
-                           publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
-                           device=torch.device("cpu"), read_timeout_s=10.0)  # fmt: skip
+    core_with = functools.partial(_core, redis_url, store, tmp_path)
 
     spec = _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5,
                  weights={"transport": "collective", "group_timeout_s": 60})  # fmt: skip
@@ -533,10 +538,7 @@ def test_a_version_weightsync_got_before_the_trainer_died_is_taken_back_not_retr
     publisher = GatedPublisher()
     store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
 
-    def core_with(publisher):
-        return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
-                           publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
-                           device=torch.device("cpu"), read_timeout_s=10.0)  # fmt: skip
+    core_with = functools.partial(_core, redis_url, store, tmp_path)
 
     core = core_with(publisher)
     core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))

@@ -215,10 +215,8 @@ class _Wire:
     def abort(self) -> None:
         """Frees the data group's NCCL communicators (a broken or replaced group)."""
         if self.data_group is not self.control_group:
-            abort = getattr(self.data_group, "abort", None)
-            with contextlib.suppress(Exception):
-                if abort is not None:
-                    abort()
+            with contextlib.suppress(Exception):  # already broken, or no abort in this torch
+                self.data_group.abort()
         self._bucket = None
 
 

@@ -351,12 +351,11 @@ def evaluate_episodes(pool, clients: ServiceClients, ctx: StepContext, rows: lis
         episodes = start_episodes(env, [(f"eval-{mode}-{i}-{m}", f"eval-{i}", task_json)
                                         for i, task_json in enumerate(rows)
                                         for m in range(samples)])  # fmt: skip
-        seed = sampling.seed
 
         def of_turn(turn: int) -> rollout_pb2.SamplingParams:
             turn_sampling = rollout_pb2.SamplingParams()
             turn_sampling.CopyFrom(sampling)
-            turn_sampling.seed = (seed + turn) % (2**31 - 1)
+            turn_sampling.seed = (sampling.seed + turn) % (2**31 - 1)
             return turn_sampling
 
         play_episodes(pool, env, episodes, of_turn)

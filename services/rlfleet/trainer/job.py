@@ -196,19 +196,25 @@ class JobTrainer:
         if last == self.last_step:
             return False
         target = last + 1
-        state = self.publisher.fetch(job_id=self.job_id, version=target)
-        if state is None:
+        if not self._load_held(target):
             raise FailedPrecondition(
                 f"job {self.job_id} trained up to version {target}, but its newest checkpoint "
                 f"holds version {self.version} and weight-sync no longer has version {target}; "
                 "the job cannot resume (set checkpoint.every_steps to checkpoint more often)"
             )
-        self.mirror.call(self.job_id, "load_weights", main_only=(state,))
         logger.warning(
             "resumed from weights held by weight-sync; optimizer moments are older",
             extra={"job_id": self.job_id, "version": target, "checkpoint_version": self.version},
         )
         self.version, self.last_step = target, last
+        return True
+
+    def _load_held(self, version: int) -> bool:
+        """Loads ``version`` from weight-sync into the model; False when it is not held."""
+        state = self.publisher.fetch(job_id=self.job_id, version=version)
+        if state is None:
+            return False
+        self.mirror.call(self.job_id, "load_weights", main_only=(state,))
         return True
 
     def _publish_resumed(self, source: Path) -> None:
@@ -242,9 +248,7 @@ class JobTrainer:
         if mark.step != self.version or self.store.get_result(self.job_id, mark.step):
             self.store.clear_settling(self.job_id)  # it was published after all
             return
-        state = self.publisher.fetch(job_id=self.job_id, version=mark.version)
-        if state is not None:
-            self.mirror.call(self.job_id, "load_weights", main_only=(state,))
+        if self._load_held(mark.version):
             logger.warning(
                 "step %d's version reached weight-sync before the trainer died; taking it "
                 "back (optimizer moments are older)",
@@ -347,7 +351,7 @@ class JobTrainer:
             result.metrics["weights_published_in_background"] = 1.0
             self.store.put_settling(self.job_id, result)
             self._unpublished = None
-            push = self._publisher.submit(self._publish_and_settle, result, payload)
+            push = self._publisher.submit(self._publish_in_background, result, payload)
             self._settling = (result, payload, push)
             self._observe(result)
             return result
@@ -374,7 +378,6 @@ class JobTrainer:
         """Publishes a broadcast version to weight-sync, then stores the result and
         acknowledges its entries (the background thread; again in the foreground when
         that failed). The payload goes back only once weight-sync holds it."""
-        self._pause_background_publish(result.version)
         start = time.perf_counter()
         self.publisher.publish(job_id=self.job_id, version=result.version, payload=payload)
         self.store.settled(self.job_id, result)
@@ -382,16 +385,14 @@ class JobTrainer:
         self._payloads.give(payload)
         prom.BACKGROUND_PUBLISH_SECONDS.labels(self.job_id).observe(time.perf_counter() - start)
 
-    def _pause_background_publish(self, version: int) -> None:
-        """Fault tests (``RLFLEET_PUBLISH_PAUSE_S``): a push on the background thread (the
-        ``pub-<job>`` executor, not a foreground retry) waits before it starts."""
-        if _PUBLISH_PAUSE_S <= 0 or not threading.current_thread().name.startswith(
-            f"pub-{self.job_id}_"
-        ):
-            return
-        logger.info("version %d: background publish paused %.2fs (%s)", version,
-                    _PUBLISH_PAUSE_S, PUBLISH_PAUSE_ENV, extra={"job_id": self.job_id})  # fmt: skip
-        time.sleep(_PUBLISH_PAUSE_S)
+    def _publish_in_background(self, result: StepResult, payload: Buffer) -> None:
+        """The background thread's push (a foreground retry calls ``_publish_and_settle``
+        itself). Fault tests (``RLFLEET_PUBLISH_PAUSE_S``): it waits before it starts."""
+        if _PUBLISH_PAUSE_S > 0:
+            logger.info("version %d: background publish paused %.2fs (%s)", result.version,
+                        _PUBLISH_PAUSE_S, PUBLISH_PAUSE_ENV, extra={"job_id": self.job_id})  # fmt: skip
+            time.sleep(_PUBLISH_PAUSE_S)
+        self._publish_and_settle(result, payload)
 
     def _join_published(self) -> None:
         """Waits for the background publish of the previous step; one that failed (e.g.
