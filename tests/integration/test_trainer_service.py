@@ -439,7 +439,7 @@ class GatedPublisher(NoPublisher):
         return decode_state_dict(raw) if raw is not None else None
 
 
-def _core(redis_url: str, store: TrainerStore, tmp_path, publisher) -> TrainerCore:
+def _core_over(redis_url: str, store: TrainerStore, tmp_path, publisher) -> TrainerCore:
     """A trainer on the CPU over the test's Redis, pushing to ``publisher``."""
     return TrainerCore(buffer=setup_buffer("redis", redis_url), store=store,
                        publisher=publisher, checkpoint_dir=tmp_path / "ckpt",
@@ -469,7 +469,7 @@ def test_a_broadcast_version_reaches_weightsync_in_the_background_and_a_crash_re
     publisher = GatedPublisher()
     store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
 
-    core_with = functools.partial(_core, redis_url, store, tmp_path)
+    core_with = functools.partial(_core_over, redis_url, store, tmp_path)
 
     spec = _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5,
                  weights={"transport": "collective", "group_timeout_s": 60})  # fmt: skip
@@ -538,7 +538,7 @@ def test_a_version_weightsync_got_before_the_trainer_died_is_taken_back_not_retr
     publisher = GatedPublisher()
     store, buffer = TrainerStore.from_url(redis_url), setup_buffer("redis", redis_url)
 
-    core_with = functools.partial(_core, redis_url, store, tmp_path)
+    core_with = functools.partial(_core_over, redis_url, store, tmp_path)
 
     core = core_with(publisher)
     core.init_job(job, _spec(tiny_model_dir, checkpoint={"every_steps": 0}, steps=5))
